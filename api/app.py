@@ -1,0 +1,64 @@
+"""The FastAPI application, built by :func:`create_app` from settings."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from api.dispatch import make_dispatcher
+from api.errors import install_error_handlers
+from api.routes import datasets, jobs
+from api.schemas import Health
+from catalog.context import CatalogContext
+from catalog.db import current_revision
+from catalog.jobs import mark_interrupted
+from catalog.registration import remove_interrupted_registrations
+from catalog.settings import Settings, load_settings
+
+log = logging.getLogger("nds.api")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or load_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ctx = CatalogContext.open(settings)
+        if not settings.broker_url:
+            # Embedded default: this process is the only job runner, so whatever was
+            # running when it last stopped was interrupted; never leave half a dataset.
+            stale = mark_interrupted(ctx, reason="interrupted: the server stopped while the job ran")
+            removed = remove_interrupted_registrations(ctx)
+            if stale or removed:
+                log.warning("marked %d interrupted jobs failed; removed partial datasets %s", len(stale), removed)
+        app.state.ctx = ctx
+        app.state.dispatcher = make_dispatcher(ctx)
+        try:
+            yield
+        finally:
+            app.state.dispatcher.close()
+            ctx.close()
+
+    app = FastAPI(
+        title="Neural Data Server",
+        version="0.1.0",
+        summary="Which part of large source image collections should you pre-train on?",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(datasets.router)
+    app.include_router(jobs.router)
+
+    @app.get("/healthz", response_model=Health, tags=["health"])
+    def healthz() -> Health:
+        ctx: CatalogContext = app.state.ctx
+        return Health(
+            status="ok",
+            mode="server" if settings.broker_url else "embedded",
+            schema_revision=current_revision(ctx.engine),
+        )
+
+    return app

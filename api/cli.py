@@ -1,0 +1,360 @@
+"""The ``nds`` command-line tool.
+
+Catalog commands (``db``, ``datasets``, ``jobs``, ``plugins``) work on the catalog the
+settings point at, directly, like ``alembic`` or ``fiftyone`` do: in the embedded default
+they run jobs in this process with a progress bar; in server mode they queue them on
+the Celery workers and follow their progress. ``serve`` runs the REST API and ``worker``
+a Celery worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from catalog.errors import NDSError
+from catalog.settings import Settings, load_settings
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False, help="Neural Data Server: find the source data worth pre-training on.")
+db_app = typer.Typer(no_args_is_help=True, help="Create, upgrade and inspect the catalog schema.")
+datasets_app = typer.Typer(no_args_is_help=True, help="Register, list, show and remove source datasets.")
+jobs_app = typer.Typer(no_args_is_help=True, help="Inspect jobs.")
+plugins_app = typer.Typer(no_args_is_help=True, help="Installed plugins.")
+app.add_typer(db_app, name="db")
+app.add_typer(datasets_app, name="datasets")
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(plugins_app, name="plugins")
+
+out = Console()
+err = Console(stderr=True)
+
+
+def fail(message: str, hint: str | None = None, code: int = 1) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    if hint:
+        err.print(f"[yellow]hint:[/] {hint}", highlight=False)
+    return typer.Exit(code)
+
+
+def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the project's errors into a message on stderr and exit status 1."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except NDSError as exc:
+            raise fail(exc.message, exc.hint) from None
+
+    return wrapper
+
+
+def settings() -> Settings:
+    return load_settings()
+
+
+@contextmanager
+def open_ctx(check: bool = True) -> Iterator[Any]:
+    from catalog.context import CatalogContext
+
+    ctx = CatalogContext.open(settings(), check=check)
+    try:
+        yield ctx
+    finally:
+        ctx.close()
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+# --------------------------------------------------------------------------- db
+
+
+@db_app.command("upgrade")
+@handles_errors
+def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
+    """Create or upgrade the catalog schema (the only way tables are made)."""
+    from catalog.db import upgrade
+
+    s = settings()
+    rev = upgrade(s, revision)
+    out.print(f"catalog at revision [bold]{rev}[/] ({_safe_url(s.sqlalchemy_url)})")
+
+
+@db_app.command("downgrade")
+@handles_errors
+def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision, e.g. 'base' or '-1'.")]) -> None:
+    """Downgrade the catalog schema (drops data of the tables removed)."""
+    from catalog.db import downgrade
+
+    rev = downgrade(settings(), revision)
+    out.print(f"catalog at revision [bold]{rev or 'base'}[/]")
+
+
+@db_app.command("current")
+@handles_errors
+def db_current() -> None:
+    """Print the schema revision of the catalog and the one this code expects."""
+    from catalog.db import create_db_engine, current_revision, head_revision
+
+    engine = create_db_engine(settings())
+    try:
+        out.print(f"current: {current_revision(engine) or 'none'}  head: {head_revision()}")
+    finally:
+        engine.dispose()
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+@datasets_app.command("add")
+@handles_errors
+def datasets_add(
+    name: Annotated[str, typer.Argument(help="A unique name for the dataset.")],
+    path: Annotated[str, typer.Argument(help="An image folder (PATH/<label>/<image>) or a CSV/JSONL manifest.")],
+    source: Annotated[str, typer.Option(help="Source plugin: imagefolder, manifest, or another installed one.")] = "imagefolder",
+    license: Annotated[str | None, typer.Option(help="License of the data.")] = None,
+    description: Annotated[str | None, typer.Option(help="What the dataset holds.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Register a source dataset: scan it, store one row per image, print a summary."""
+    from catalog.registration import RegistrationRequest, start_registration
+
+    with open_ctx() as ctx:
+        dataset, job = start_registration(
+            ctx, RegistrationRequest(name=name, path=path, source=source, description=description, license=license)
+        )
+        finished = run_with_progress(ctx, job, f"registering {name}", quiet=as_json)
+        if finished.status.value != "succeeded":
+            raise fail(f"registering {name!r} failed: {finished.error}", "nothing was stored; fix the source and run it again")
+        result = finished.result or {}
+        if as_json:
+            print_json({**result, "job_id": job.id})
+            return
+        table = Table(title=f"registered {name}", show_header=False)
+        table.add_row("samples", str(result.get("num_samples")))
+        table.add_row("labels", str(result.get("num_labels")))
+        table.add_row("skipped", str(result.get("skipped")))
+        for reason, count in (result.get("skipped_reasons") or {}).items():
+            table.add_row(f"  {reason}", str(count))
+        out.print(table)
+        for skip in (result.get("skipped_files") or [])[:10]:
+            out.print(f"  skipped {skip['uri']}: {skip['reason']}", highlight=False)
+
+
+def run_with_progress(ctx: Any, job: Any, label: str, *, quiet: bool = False) -> Any:
+    """Run a job (inline in the embedded default, on a worker in server mode) with a progress bar."""
+    from catalog.db import session_scope
+    from catalog.jobs import InlineDispatcher, get_job
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), TextColumn("{task.fields[step]}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
+        console=err, disable=quiet, transient=False,
+    )
+    with progress:
+        task = progress.add_task(label, total=1.0, step="")
+        listener = lambda step, frac: progress.update(task, completed=frac, step=step or "")  # noqa: E731
+        if ctx.settings.broker_url:
+            from api.dispatch import CeleryDispatcher
+
+            dispatcher = CeleryDispatcher(ctx.settings.broker_url)
+            try:
+                dispatcher.submit(job)
+            finally:
+                dispatcher.close()
+            while True:
+                with session_scope(ctx.engine) as session:
+                    current = get_job(session, job.id)
+                listener(current.step, current.progress)
+                if current.status.value in ("succeeded", "failed"):
+                    break
+                time.sleep(0.5)
+        else:
+            InlineDispatcher(ctx, listener=listener).submit(job)
+        with session_scope(ctx.engine) as session:
+            finished = get_job(session, job.id)
+        if finished.status.value == "succeeded":
+            listener("done", 1.0)
+    return finished
+
+
+def _dataset_json(dataset: Any) -> dict:
+    from catalog.models import DatasetPublic
+
+    return DatasetPublic.model_validate(dataset).model_dump(mode="json")
+
+
+@datasets_app.command("list")
+@handles_errors
+def datasets_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON (the REST API's field names).")] = False) -> None:
+    """List registered datasets."""
+    from sqlmodel import Session
+
+    from catalog.datasets import list_datasets
+
+    with open_ctx() as ctx, Session(ctx.engine) as session:
+        rows, count = list_datasets(session=session, offset=0, limit=2**31)
+        if as_json:
+            print_json({"data": [_dataset_json(d) for d in rows], "count": count})
+            return
+        table = Table(title=f"{count} datasets")
+        for col in ("id", "name", "source", "status", "samples", "labels", "created"):
+            table.add_column(col)
+        for d in rows:
+            table.add_row(str(d.id), d.name, d.source, d.status.value, str(d.num_samples), str(d.num_labels), d.created_at.isoformat())
+        out.print(table)
+
+
+@datasets_app.command("show")
+@handles_errors
+def datasets_show(
+    name: Annotated[str, typer.Argument(help="Dataset name (or id).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show one dataset."""
+    from sqlmodel import Session
+
+    from catalog.datasets import find_dataset
+
+    with open_ctx() as ctx, Session(ctx.engine) as session:
+        data = _dataset_json(find_dataset(session=session, ref=name))
+        if as_json:
+            print_json(data)
+            return
+        table = Table(title=data["name"], show_header=False)
+        for key, value in data.items():
+            table.add_row(key, ", ".join(value) if isinstance(value, list) else str(value))
+        out.print(table)
+
+
+@datasets_app.command("rm")
+@handles_errors
+def datasets_rm(name: Annotated[str, typer.Argument(help="Dataset name (or id).")]) -> None:
+    """Remove a dataset's catalog rows and vectors (its files on disk are left alone)."""
+    from sqlmodel import Session
+
+    from catalog.datasets import delete_dataset, find_dataset
+
+    with open_ctx() as ctx:
+        with Session(ctx.engine) as session:
+            dataset_id = find_dataset(session=session, ref=name).id
+        delete_dataset(ctx=ctx, dataset_id=dataset_id)
+        out.print(f"removed dataset {name}")
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+@jobs_app.command("show")
+@handles_errors
+def jobs_show(job_id: str) -> None:
+    """Print a job as JSON."""
+    from sqlmodel import Session
+
+    from catalog.jobs import get_job
+    from catalog.models import JobPublic
+
+    with open_ctx() as ctx, Session(ctx.engine) as session:
+        print_json(JobPublic.model_validate(get_job(session, job_id)).model_dump(mode="json"))
+
+
+# --------------------------------------------------------------------------- plugins
+
+
+@plugins_app.command("list")
+@handles_errors
+def plugins_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List the installed source, backbone and exporter plugins."""
+    from plugins.registry import all_registries
+
+    infos = [info for registry in all_registries() for info in registry.infos()]
+    if as_json:
+        print_json([info.__dict__ for info in infos])
+        return
+    table = Table(title="plugins")
+    for col in ("group", "name", "object", "package"):
+        table.add_column(col)
+    for info in infos:
+        table.add_row(info.group, info.name, info.value, info.distribution or "")
+    out.print(table)
+
+
+# --------------------------------------------------------------------------- serve / worker
+
+
+@app.command("serve")
+@handles_errors
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind.")] = 8000,
+    workers: Annotated[int, typer.Option(help="Uvicorn worker processes (server mode only).")] = 1,
+    log_level: Annotated[str, typer.Option(help="Uvicorn log level.")] = "info",
+) -> None:
+    """Serve the REST API under /v1 (OpenAPI docs at /docs)."""
+    import uvicorn
+
+    s = settings()
+    if workers > 1 and not s.broker_url:
+        raise fail("several workers need server mode", "the embedded store is single-process: set NDS_DATABASE_URL, NDS_QDRANT_URL and NDS_BROKER_URL")
+    from catalog.context import CatalogContext
+    from catalog.db import check_schema
+
+    probe = CatalogContext(s)
+    try:
+        check_schema(probe.engine)
+    finally:
+        probe.close()
+    mode = "server mode" if s.broker_url else f"embedded mode (catalog and vectors under {s.resolved_home})"
+    err.print(f"nds serving on http://{host}:{port} in {mode}; docs at /docs", highlight=False)
+    if workers > 1:
+        uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers, log_level=log_level)
+    else:
+        from api.app import create_app
+
+        uvicorn.run(create_app(s), host=host, port=port, log_level=log_level)
+
+
+@app.command("worker")
+@handles_errors
+def worker(
+    queues: Annotated[str, typer.Option(help="Comma-separated queues to consume: cpu, gpu.")] = "cpu,gpu",
+    concurrency: Annotated[int, typer.Option(help="Tasks run at once (1 per GPU).")] = 1,
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "info",
+) -> None:
+    """Run a Celery worker for server mode (needs NDS_BROKER_URL)."""
+    s = settings()
+    if not s.broker_url:
+        raise fail("NDS_BROKER_URL is not set", "workers are for server mode; the embedded default runs jobs in-process")
+    argv = [
+        sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
+        "--queues", queues, "--concurrency", str(concurrency), "--prefetch-multiplier", "1",
+        "--loglevel", loglevel, "--without-gossip", "--without-mingle",
+    ]
+    os.execv(sys.executable, argv)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Pick how jobs run: a background thread (embedded default) or Celery (server mode).
+
+The API enqueues Celery tasks by name, so it never imports ``workers/``.
+"""
+
+from __future__ import annotations
+
+from catalog.context import CatalogContext
+from catalog.errors import ServiceUnavailableError
+from catalog.jobs import Dispatcher, ThreadDispatcher
+from catalog.models import Job
+
+#: job kind -> (Celery task name, queue); must match the names in workers/tasks.py
+CELERY_ROUTES = {
+    "register": ("nds.run_job", "cpu"),
+    "index": ("nds.run_job", "gpu"),
+}
+
+
+class CeleryDispatcher:
+    """Sends jobs to Celery workers through the broker; fails with 503 when it is down."""
+
+    def __init__(self, broker_url: str) -> None:
+        from celery import Celery
+
+        self.app = Celery("nds-api", broker=broker_url)
+        self.app.conf.broker_connection_retry_on_startup = False
+        self.app.conf.broker_transport_options = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2}
+
+    def submit(self, job: Job) -> None:
+        task, queue = CELERY_ROUTES.get(job.kind, ("nds.run_job", "cpu"))
+        try:
+            self.app.send_task(task, args=[job.id], queue=queue, retry=False)
+        except Exception as exc:  # kombu raises a zoo of connection errors; translate them all here
+            raise ServiceUnavailableError(
+                f"the job broker at {self.app.conf.broker_url} cannot be reached: {exc}",
+                hint="start Redis (NDS_BROKER_URL) and retry; reads keep working meanwhile",
+            ) from exc
+
+    def close(self) -> None:
+        self.app.close()
+
+
+def make_dispatcher(ctx: CatalogContext) -> Dispatcher:
+    if ctx.settings.broker_url:
+        return CeleryDispatcher(ctx.settings.broker_url)
+    return ThreadDispatcher(ctx)

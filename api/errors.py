@@ -1,0 +1,63 @@
+"""Map the project's exceptions to HTTP answers: always JSON, always naming what to do.
+
+Body shape for every error: ``{"detail": message, "field": name|null, "hint": text|null}``.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from catalog.errors import (
+    ConflictError,
+    InvalidInputError,
+    NDSError,
+    NotFoundError,
+    PluginError,
+    ServiceUnavailableError,
+    VectorStoreBusyError,
+)
+
+STATUS_BY_ERROR: list[tuple[type[NDSError], int]] = [
+    (NotFoundError, 404),
+    (ConflictError, 409),
+    (InvalidInputError, 422),
+    (PluginError, 422),
+    (ServiceUnavailableError, 503),
+    (VectorStoreBusyError, 503),
+]
+
+
+def status_for(exc: NDSError) -> int:
+    for cls, code in STATUS_BY_ERROR:
+        if isinstance(exc, cls):
+            return code
+    return 500
+
+
+def error_body(detail: str, *, field: str | None = None, hint: str | None = None) -> dict:
+    return {"detail": detail, "field": field, "hint": hint}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(NDSError)
+    async def _nds_error(_: Request, exc: NDSError) -> JSONResponse:
+        field = getattr(exc, "field", None)
+        return JSONResponse(status_code=status_for(exc), content=error_body(exc.message, field=field, hint=exc.hint))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+        field = ".".join(loc) or None
+        message = f"{field}: {first.get('msg', 'invalid value')}" if field else first.get("msg", "invalid request")
+        body = error_body(message, field=field, hint="see the OpenAPI docs at /docs")
+        body["errors"] = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in errors]
+        return JSONResponse(status_code=422, content=body)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(status_code=exc.status_code, content=error_body(str(exc.detail)), headers=exc.headers)

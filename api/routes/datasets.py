@@ -1,0 +1,55 @@
+"""/v1/datasets: register, list, show, page samples, delete."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response, status
+
+from api.deps import CtxDep, DispatcherDep, LimitDep, OffsetDep, SessionDep
+from api.schemas import DatasetRegister, DatasetRegistered
+from catalog import datasets as repo
+from catalog.db import session_scope
+from catalog.models import Dataset, DatasetPublic, DatasetsPublic, JobStatus, SamplePublic, SamplesPublic
+from catalog.registration import RegistrationRequest, remove_partial_dataset, start_registration
+from catalog.jobs import get_job
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetRegistered)
+def register_dataset(body: DatasetRegister, ctx: CtxDep, dispatcher: DispatcherDep) -> DatasetRegistered:
+    """Register a source dataset; the scan runs as a job whose id is in the answer."""
+    dataset, job = start_registration(ctx, RegistrationRequest(**body.model_dump()))
+    try:
+        dispatcher.submit(job)
+    except Exception:
+        with session_scope(ctx.engine) as session:
+            stored = get_job(session, job.id)
+            stored.status, stored.error = JobStatus.failed, "the job could not be queued"
+        remove_partial_dataset(ctx, dataset.id)
+        raise
+    with session_scope(ctx.engine) as session:
+        current = session.get(Dataset, dataset.id) or dataset  # the job may already have finished
+        return DatasetRegistered(**DatasetPublic.model_validate(current).model_dump(), job_id=job.id)
+
+
+@router.get("", response_model=DatasetsPublic)
+def list_datasets(session: SessionDep, offset: OffsetDep = 0, limit: LimitDep = 100) -> DatasetsPublic:
+    rows, count = repo.list_datasets(session=session, offset=offset, limit=limit)
+    return DatasetsPublic(data=[DatasetPublic.model_validate(d) for d in rows], count=count)
+
+
+@router.get("/{dataset_id}", response_model=DatasetPublic)
+def get_dataset(dataset_id: int, session: SessionDep) -> DatasetPublic:
+    return DatasetPublic.model_validate(repo.get_dataset(session=session, dataset_id=dataset_id))
+
+
+@router.get("/{dataset_id}/samples", response_model=SamplesPublic)
+def list_samples(dataset_id: int, session: SessionDep, offset: OffsetDep = 0, limit: LimitDep = 100) -> SamplesPublic:
+    rows, count = repo.list_samples(session=session, dataset_id=dataset_id, offset=offset, limit=limit)
+    return SamplesPublic(data=[SamplePublic.model_validate(s) for s in rows], count=count)
+
+
+@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_dataset(dataset_id: int, ctx: CtxDep) -> Response:
+    repo.delete_dataset(ctx=ctx, dataset_id=dataset_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,17 @@
+"""/v1/jobs: the state of long-running work (registration, indexing)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from api.deps import SessionDep
+from catalog.jobs import get_job
+from catalog.models import JobPublic
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def show_job(job_id: str, session: SessionDep) -> JobPublic:
+    """Status (queued, running, succeeded, failed), current step, progress 0..1, error, result."""
+    return JobPublic.model_validate(get_job(session, job_id))

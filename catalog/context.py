@@ -1,0 +1,67 @@
+"""Everything a catalog operation needs, built once from settings and passed in.
+
+``CatalogContext`` owns the database engine, the artifact store, the plugin registries
+and (opened on first use, because the embedded store locks its folder) the vector store.
+The API server, the CLI and the workers each build one; nothing here is global.
+"""
+
+from __future__ import annotations
+
+import threading
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+from sqlalchemy import Engine
+
+from catalog.artifacts import ArtifactStore
+from catalog.db import check_schema, create_db_engine
+from catalog.settings import Settings
+from plugins.registry import Registry, backbone_registry, exporter_registry, source_registry
+
+if TYPE_CHECKING:
+    from catalog.vectors import VectorStore
+
+
+class CatalogContext:
+    def __init__(self, settings: Settings, *, engine: Engine | None = None) -> None:
+        self.settings = settings
+        self.engine = engine or create_db_engine(settings)
+        self.artifacts = ArtifactStore(settings.artifacts_path)
+        self.sources: Registry = source_registry()
+        self.backbones: Registry = backbone_registry()
+        self.exporters: Registry = exporter_registry()
+        self._vectors: VectorStore | None = None
+        self._vectors_lock = threading.Lock()
+
+    @classmethod
+    def open(cls, settings: Settings, *, check: bool = True) -> CatalogContext:
+        ctx = cls(settings)
+        if check:
+            check_schema(ctx.engine)
+        return ctx
+
+    @property
+    def vectors(self) -> VectorStore:
+        with self._vectors_lock:
+            if self._vectors is None:
+                from catalog.vectors import open_vector_store
+
+                self._vectors = open_vector_store(self.settings)
+            return self._vectors
+
+    @cached_property
+    def data_roots(self):  # noqa: ANN201 - list[Path]
+        return self.settings.resolved_data_roots
+
+    def close(self) -> None:
+        with self._vectors_lock:
+            if self._vectors is not None:
+                self._vectors.close()
+                self._vectors = None
+        self.engine.dispose()
+
+    def __enter__(self) -> CatalogContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,118 @@
+"""Database engine and sessions, and the schema's lifecycle through Alembic.
+
+Tables are only ever created by migrations (``nds db upgrade``): :func:`upgrade` runs
+Alembic against the engine the settings describe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, event, inspect
+from sqlalchemy.exc import OperationalError
+from sqlmodel import Session, create_engine
+
+from catalog.errors import NDSError, ServiceUnavailableError
+from catalog.settings import Settings
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def create_db_engine(settings: Settings) -> Engine:
+    """An engine for the catalog; SQLite gets WAL, foreign keys and a busy timeout."""
+    url = settings.sqlalchemy_url
+    if url.startswith("sqlite"):
+        settings.resolved_home.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001 - DB-API objects
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+@contextmanager
+def session_scope(engine: Engine) -> Iterator[Session]:
+    """A session that commits on success and rolls back on any error."""
+    with Session(engine, expire_on_commit=False) as session:
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+
+
+def alembic_config(url: str) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def upgrade(settings: Settings, revision: str = "head") -> str | None:
+    """Create or upgrade the schema; returns the revision the database is at afterwards."""
+    engine = create_db_engine(settings)
+    try:
+        with engine.begin() as conn:
+            cfg = alembic_config(settings.sqlalchemy_url)
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, revision)
+        return current_revision(engine)
+    except OperationalError as exc:
+        raise ServiceUnavailableError(
+            f"cannot reach the catalog database: {exc.orig}", hint="check NDS_DATABASE_URL"
+        ) from exc
+    finally:
+        engine.dispose()
+
+
+def downgrade(settings: Settings, revision: str) -> str | None:
+    engine = create_db_engine(settings)
+    try:
+        with engine.begin() as conn:
+            cfg = alembic_config(settings.sqlalchemy_url)
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, revision)
+        return current_revision(engine)
+    finally:
+        engine.dispose()
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def head_revision() -> str | None:
+    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
+def check_schema(engine: Engine) -> None:
+    """Fail with a clear message when the schema is missing or behind the code."""
+    try:
+        current = current_revision(engine)
+    except OperationalError as exc:
+        raise ServiceUnavailableError(
+            f"cannot reach the catalog database: {exc.orig}", hint="check NDS_DATABASE_URL"
+        ) from exc
+    head = head_revision()
+    if current is None or not inspect(engine).has_table("datasets"):
+        raise NDSError("the catalog has no schema yet", hint="run 'nds db upgrade' first")
+    if current != head:
+        raise NDSError(
+            f"the catalog schema is at revision {current}, the code expects {head}",
+            hint="run 'nds db upgrade'",
+        )

@@ -1,0 +1,70 @@
+"""The project's one exception hierarchy.
+
+    NDSError
+    +-- NotFoundError          a named thing (dataset, job, expert, query) does not exist
+    +-- ConflictError          the request clashes with what is stored (duplicate name, busy dataset)
+    +-- InvalidInputError      bad input; carries the name of the offending field
+    +-- SourceError            a dataset source cannot be read (missing path, bad manifest)
+    +-- PluginError            an unknown or broken plugin name
+    +-- VectorStoreError       the vector store failed; third-party errors are translated here
+    |   +-- VectorStoreBusyError   the embedded store is locked by another process
+    +-- ArtifactError          an artifact could not be written or read
+    +-- ServiceUnavailableError  a backing service (broker, database) cannot be reached
+
+Third-party exceptions are translated in exactly one place per backend
+(``raise VectorStoreError(...) from exc``); the API maps these classes to HTTP codes.
+"""
+
+from __future__ import annotations
+
+
+class NDSError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class NotFoundError(NDSError):
+    pass
+
+
+class ConflictError(NDSError):
+    pass
+
+
+class InvalidInputError(NDSError):
+    """Bad input. ``field`` names what was wrong, as the user spelled it."""
+
+    def __init__(self, message: str, *, field: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.field = field
+
+
+class SourceError(InvalidInputError):
+    """A dataset source (folder, manifest) that cannot be registered."""
+
+
+class PluginError(NDSError):
+    pass
+
+
+class VectorStoreError(NDSError):
+    pass
+
+
+class VectorStoreBusyError(VectorStoreError):
+    pass
+
+
+class ArtifactError(NDSError):
+    pass
+
+
+class ServiceUnavailableError(NDSError):
+    pass

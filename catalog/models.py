@@ -1,0 +1,257 @@
+"""Catalog tables and their public shapes, one family per entity.
+
+``DatasetBase`` holds the fields a user gives; ``Dataset`` is the table; ``DatasetPublic``
+is what the API and ``nds datasets list --json`` return (the same field names in both).
+The schema itself is owned by Alembic (``migrations/``): these classes describe it, they
+never create it.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Column, Index, Integer, LargeBinary, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+# 64-bit ids on PostgreSQL; INTEGER on SQLite so the column is the rowid and autoincrements.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(microsecond=0)
+
+
+class DatasetStatus(str, enum.Enum):
+    registering = "registering"
+    ready = "ready"          # registered, not indexed
+    indexing = "indexing"
+    indexed = "indexed"
+    failed = "failed"
+
+
+class JobStatus(str, enum.Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+
+
+class ExpertKind(str, enum.Enum):
+    rotation = "rotation"
+    classifier = "classifier"
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+class DatasetBase(SQLModel):
+    name: str = Field(index=True, unique=True, max_length=128)
+    source: str = Field(max_length=64, description="Source plugin name (imagefolder, manifest, ...).")
+    uri: str = Field(description="Where the source lives: a folder or a manifest file.")
+    description: str | None = None
+    license: str | None = None
+
+
+class Dataset(DatasetBase, table=True):
+    __tablename__ = "datasets"
+    id: int | None = Field(default=None, primary_key=True)
+    status: DatasetStatus = Field(default=DatasetStatus.registering)
+    num_samples: int = 0
+    num_labels: int = 0
+    labels: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    skipped: int = 0
+    index_version: int = Field(default=0, description="Active index version; 0 = not indexed.")
+    backbone: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class DatasetCreate(DatasetBase):
+    pass
+
+
+class DatasetPublic(DatasetBase):
+    id: int
+    status: DatasetStatus
+    num_samples: int
+    num_labels: int
+    labels: list[str]
+    skipped: int
+    index_version: int
+    backbone: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class DatasetsPublic(SQLModel):
+    data: list[DatasetPublic]
+    count: int
+
+
+# --------------------------------------------------------------------------- samples
+
+
+class SampleBase(SQLModel):
+    uri: str
+    label: str | None = Field(default=None, max_length=256)
+    width: int
+    height: int
+    byte_size: int
+    sha256: str = Field(max_length=64)
+
+
+class Sample(SampleBase, table=True):
+    __tablename__ = "samples"
+    __table_args__ = (
+        UniqueConstraint("dataset_id", "position", name="uq_samples_dataset_position"),
+    )
+    id: int | None = Field(default=None, sa_column=Column(BigId, primary_key=True, autoincrement=True))
+    dataset_id: int = Field(foreign_key="datasets.id", index=True, ondelete="CASCADE")
+    position: int = Field(description="0-based position of the sample inside its dataset, in scan order.")
+
+
+class SamplePublic(SampleBase):
+    id: int
+    dataset_id: int
+    position: int
+
+
+class SamplesPublic(SQLModel):
+    data: list[SamplePublic]
+    count: int
+
+
+# --------------------------------------------------------------------------- clusters
+
+
+class Cluster(SQLModel, table=True):
+    """One partition cell of a dataset for one index version."""
+
+    __tablename__ = "clusters"
+    __table_args__ = (
+        UniqueConstraint("dataset_id", "index_version", "cluster", name="uq_clusters_version_cluster"),
+    )
+    id: int | None = Field(default=None, primary_key=True)
+    dataset_id: int = Field(foreign_key="datasets.id", index=True, ondelete="CASCADE")
+    index_version: int
+    cluster: int = Field(description="Cluster number inside the dataset, 0..K-1.")
+    size: int
+    label: str | None = Field(default=None, description="For label partitions: the label of the cell.")
+    centroid: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class ClusterPublic(SQLModel):
+    id: int
+    dataset_id: int
+    index_version: int
+    cluster: int
+    size: int
+    label: str | None
+
+
+class Assignment(SQLModel, table=True):
+    """Which cluster a sample belongs to in one index version, and its rank inside its group.
+
+    A group is (dataset, cluster, label); ``rank`` numbers the samples of a group 0..n-1 so a
+    sampler can pick the r-th sample of a group by index instead of scanning.
+    """
+
+    __tablename__ = "assignments"
+    __table_args__ = (
+        Index("ix_assignments_group_rank", "dataset_id", "index_version", "cluster", "label", "rank"),
+    )
+    sample_id: int = Field(sa_column=Column(BigId, primary_key=True))
+    index_version: int = Field(primary_key=True)
+    dataset_id: int = Field(foreign_key="datasets.id", ondelete="CASCADE")
+    cluster: int
+    label: str | None = Field(default=None, max_length=256)
+    rank: int
+
+
+# --------------------------------------------------------------------------- experts
+
+
+class Expert(SQLModel, table=True):
+    __tablename__ = "experts"
+    id: int | None = Field(default=None, primary_key=True)
+    dataset_id: int = Field(foreign_key="datasets.id", index=True, ondelete="CASCADE")
+    index_version: int
+    kind: ExpertKind
+    cluster: int | None = Field(default=None, description="Cluster number for rotation experts; None for classifiers.")
+    artifact: str = Field(description="Artifact key (relative path in the artifact store).")
+    sha256: str = Field(max_length=64)
+    byte_size: int = 0
+    input_size: int
+    metrics: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    meta: dict[str, Any] = Field(default_factory=dict, sa_column=Column("metadata", JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class ExpertPublic(SQLModel):
+    id: int
+    dataset_id: int
+    index_version: int
+    kind: ExpertKind
+    cluster: int | None
+    sha256: str
+    byte_size: int
+    input_size: int
+    metrics: dict[str, Any]
+    meta: dict[str, Any]
+    created_at: datetime
+
+
+class ExpertsPublic(SQLModel):
+    data: list[ExpertPublic]
+    count: int
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+class Job(SQLModel, table=True):
+    __tablename__ = "jobs"
+    id: str = Field(primary_key=True, max_length=36)
+    kind: str = Field(max_length=32, index=True)
+    dataset_id: int | None = Field(default=None, index=True)
+    status: JobStatus = Field(default=JobStatus.queued)
+    step: str | None = None
+    progress: float = 0.0
+    params: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    result: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    error: str | None = None
+    attempts: int = 0
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class JobPublic(SQLModel):
+    id: str
+    kind: str
+    dataset_id: int | None
+    status: JobStatus
+    step: str | None
+    progress: float
+    params: dict[str, Any]
+    result: dict[str, Any] | None
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+# --------------------------------------------------------------------------- queries
+
+
+class Query(SQLModel, table=True):
+    __tablename__ = "queries"
+    id: str = Field(primary_key=True, max_length=36)
+    request: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    index_versions: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    summary: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)

@@ -1,0 +1,72 @@
+"""Settings, read from ``NDS_*`` environment variables (and a ``.env`` file).
+
+Built by :func:`load_settings` and passed to whatever needs them; nothing here is global.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NDS_", env_file=".env", extra="ignore")
+
+    home: Path = Field(default=Path(".nds"), description="Data directory of the embedded default (SQLite file, Qdrant Edge, artifacts).")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL of the catalog; unset: SQLite file under NDS_HOME.")
+    qdrant_url: str | None = Field(default=None, description="URL of a Qdrant server; unset: Qdrant Edge under NDS_HOME.")
+    qdrant_api_key: str | None = Field(default=None, description="API key for the Qdrant server.")
+    broker_url: str | None = Field(default=None, description="Celery broker (redis://...); unset: jobs run in-process.")
+    artifacts_dir: Path | None = Field(default=None, description="Where experts and backbones are stored; unset: NDS_HOME/artifacts.")
+    data_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=lambda: [Path.cwd()],
+        description="Folders that registered sources must live under (comma- or os.pathsep-separated).",
+    )
+    max_budget: int = Field(default=10_000_000, description="Largest budget a query may ask for.")
+    page_limit: int = Field(default=1000, description="Largest page a list endpoint returns.")
+    scan_workers: int = Field(default=8, description="Threads that read images while registering a source.")
+
+    @field_validator("data_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            import os
+
+            parts = [p for chunk in value.split(",") for p in chunk.split(os.pathsep)]
+            return [Path(p.strip()) for p in parts if p.strip()]
+        return value
+
+    @property
+    def server_mode(self) -> bool:
+        """True when the catalog, vectors or jobs live in external services."""
+        return bool(self.broker_url)
+
+    @property
+    def resolved_home(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.resolved_home / 'catalog.db'}"
+
+    @property
+    def artifacts_path(self) -> Path:
+        return (self.artifacts_dir or self.resolved_home / "artifacts").expanduser().resolve()
+
+    @property
+    def vectors_path(self) -> Path:
+        return self.resolved_home / "vectors"
+
+    @property
+    def resolved_data_roots(self) -> list[Path]:
+        return [p.expanduser().resolve() for p in self.data_roots]
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings from the environment; keyword overrides win (tests and the CLI use them)."""
+    return Settings(**overrides)

@@ -1,0 +1,1 @@
+"""Dataset source plugins: each turns a path into (uri, label) items to register."""

@@ -1,0 +1,41 @@
+"""The Celery application of server mode: ``cpu`` and ``gpu`` queues, one task at a time.
+
+Started by ``nds worker --queues cpu,gpu`` (``celery -A workers.celery_app worker``).
+Settings come from the same ``NDS_*`` variables as everything else. Tasks are
+idempotent, so they are acknowledged late and redelivered if a worker dies; the Redis
+visibility timeout is longer than the longest training job, so a slow task is not
+handed to a second worker while the first still runs it.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from catalog.settings import Settings, load_settings
+
+#: seconds a task may stay unacknowledged before Redis redelivers it; longer than any job
+VISIBILITY_TIMEOUT_S = 6 * 3600
+
+
+def create_celery(settings: Settings) -> Celery:
+    app = Celery("nds", broker=settings.broker_url, include=["workers.tasks"])
+    app.conf.update(
+        task_queues=[Queue("cpu"), Queue("gpu")],
+        task_default_queue="cpu",
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_max_tasks_per_child=50,
+        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        broker_connection_retry_on_startup=True,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        worker_hijack_root_logger=False,
+        task_time_limit=VISIBILITY_TIMEOUT_S - 600,
+    )
+    return app
+
+
+app = create_celery(load_settings())
