@@ -1,0 +1,33 @@
+# Two set-up commands: `make demo` and `make test`. Both create .venv when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+NDS := $(VENV)/bin/nds
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= demo-output
+
+.PHONY: install demo test services-install bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+services-install:
+	bash tests/services.sh install
+
+test: install services-install
+	$(PY) -m pytest -q -p no:cacheprovider
+
+demo: install
+	rm -rf $(DEMO_DIR) && mkdir -p $(DEMO_DIR)
+	cd $(DEMO_DIR) && NDS_HOME=.nds NDS_DATA_ROOTS=. ../$(PY) -m api.demo
+
+bench: install
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .nds .pytest_cache

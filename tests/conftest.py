@@ -1,0 +1,89 @@
+"""Shared fixtures: a fresh embedded catalog per test, image folders, the REST app, the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from typer.testing import CliRunner
+
+from catalog.context import CatalogContext
+from catalog.db import upgrade
+from catalog.settings import Settings, load_settings
+
+pytest_plugins = ["tests.services"]
+
+
+def write_images(root: Path, *, labels=("a", "b"), n: int = 10, kind: str = "stripes", size: int = 32, seed: int = 0) -> Path:
+    """ROOT/<label>/<i>.png with small synthetic images; returns ROOT."""
+    rng = np.random.default_rng(seed)
+    for li, label in enumerate(labels):
+        folder = root / label
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            if kind == "stripes":
+                x = np.zeros((size, size, 3), np.uint8)
+                x[:, :: 4 + 4 * li] = 255
+                x = np.roll(x, int(rng.integers(0, 8)), axis=1)
+            else:
+                x = (rng.random((size, size, 3)) * (255 if li % 2 == 0 else 128)).astype(np.uint8)
+            Image.fromarray(x).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def data_root(tmp_path: Path) -> Path:
+    root = tmp_path / "data"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def settings(tmp_path: Path, data_root: Path) -> Settings:
+    return load_settings(home=tmp_path / "home", data_roots=[data_root], database_url=None, qdrant_url=None, broker_url=None)
+
+
+@pytest.fixture
+def ctx(settings: Settings):
+    upgrade(settings)
+    context = CatalogContext.open(settings)
+    yield context
+    context.close()
+
+
+@pytest.fixture
+def api(settings: Settings):
+    """A TestClient over the real app (lifespan included) on a migrated embedded catalog."""
+    from api.app import create_app
+
+    upgrade(settings)
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+@pytest.fixture
+def cli_env(settings: Settings) -> dict[str, str]:
+    return {
+        "NDS_HOME": str(settings.home),
+        "NDS_DATA_ROOTS": ",".join(str(p) for p in settings.data_roots),
+        "NDS_DATABASE_URL": "",
+        "NDS_BROKER_URL": "",
+        "NDS_QDRANT_URL": "",
+        "COLUMNS": "200",
+    }
+
+
+@pytest.fixture
+def nds(cli_env: dict[str, str]):
+    """Run the nds CLI in-process: nds("datasets", "list") -> click Result."""
+    from api.cli import app
+
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(app, list(args), env=cli_env, catch_exceptions=False)
+
+    return invoke

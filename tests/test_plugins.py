@@ -1,0 +1,98 @@
+"""Plugin registries: entry points, lazy loading, dotted paths, unknown names, collisions."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from catalog.errors import PluginError
+from plugins.registry import Registry, source_registry
+
+
+def install_fake_distribution(site: Path, name: str, entry_points: str, module_src: str | None = None) -> None:
+    """A real installed distribution (dist-info + entry_points.txt) on a sys.path entry."""
+    dist = site / f"{name.replace('-', '_')}-1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(entry_points)
+    if module_src:
+        (site / f"{name.replace('-', '_')}.py").write_text(module_src)
+
+
+THIRD_PARTY = '''
+from pathlib import Path
+from plugins.sources.base import Source, SourceItem
+
+class ListSource(Source):
+    """Reads a text file with one image path per line."""
+    name = "listfile"
+    def items(self):
+        for i, line in enumerate(self.path.read_text().splitlines(), start=1):
+            if line.strip():
+                yield SourceItem(self.path.parent / line.strip(), None, f"line {i}")
+'''
+
+
+def test_builtin_sources_are_entry_points():
+    registry = source_registry()
+    assert {"imagefolder", "manifest"} <= set(registry.names())
+    assert registry.get("imagefolder").name == "imagefolder"
+
+
+def test_unknown_name_lists_known_and_hints():
+    with pytest.raises(PluginError) as info:
+        source_registry().get("zip")
+    assert "known: imagefolder, manifest" in str(info.value) and "entry point" in str(info.value)
+
+
+def test_dotted_path_and_broken_path():
+    registry = source_registry()
+    assert registry.get("plugins.sources.manifest:ManifestSource").name == "manifest"
+    with pytest.raises(PluginError, match="could not be loaded"):
+        registry.get("plugins.sources.nothing:Nope")
+
+
+def test_third_party_entry_point_registers_a_source(tmp_path, monkeypatch, ctx, data_root):
+    """A package that declares an nds.sources entry point becomes usable by name."""
+    from catalog.jobs import InlineDispatcher
+    from catalog.registration import RegistrationRequest, start_registration
+    from tests.conftest import write_images
+
+    site = tmp_path / "site"
+    install_fake_distribution(site, "nds-listfile", "[nds.sources]\nlistfile = nds_listfile:ListSource\n", THIRD_PARTY)
+    monkeypatch.syspath_prepend(str(site))
+    registry = source_registry()
+    assert "listfile" in registry.names()
+    ctx.sources = registry
+    folder = write_images(data_root / "imgs", n=2)
+    listing = data_root / "list.txt"
+    listing.write_text("imgs/a/0.png\nimgs/b/1.png\n")
+    dataset, job = start_registration(ctx, RegistrationRequest(name="listed", path=str(listing), source="listfile"))
+    InlineDispatcher(ctx).submit(job)
+    from sqlmodel import Session
+    from catalog.models import Dataset
+
+    with Session(ctx.engine) as session:
+        assert session.get(Dataset, dataset.id).num_samples == 2
+    assert folder.exists()
+
+
+def test_name_collision_is_an_error(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    install_fake_distribution(site, "pkg-one", "[nds.test]\nsame = pkg_one:A\n")
+    install_fake_distribution(site, "pkg-two", "[nds.test]\nsame = pkg_two:B\n")
+    monkeypatch.syspath_prepend(str(site))
+    with pytest.raises(PluginError, match="two packages register"):
+        Registry("nds.test", kind="thing", install_hint="-").names()
+
+
+def test_loading_is_lazy(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    install_fake_distribution(site, "pkg-lazy", "[nds.lazy]\nboom = pkg_lazy_mod:X\n")
+    (site / "pkg_lazy_mod.py").write_text("raise RuntimeError('imported too early')\n")
+    monkeypatch.syspath_prepend(str(site))
+    registry = Registry("nds.lazy", kind="thing", install_hint="-")
+    assert registry.names() == ["boom"]  # listing imports nothing
+    assert "pkg_lazy_mod" not in sys.modules
