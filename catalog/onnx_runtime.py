@@ -38,7 +38,9 @@ def _gpu_visible() -> bool | None:
         gpus = Path("/proc/driver/nvidia/gpus")
         if gpus.is_dir() and any(gpus.iterdir()):
             return True
-        return any(Path("/dev").glob("nvidia[0-9]*"))
+        if any(Path("/dev").glob("nvidia[0-9]*")):
+            return True
+        return None if Path("/dev/dxg").exists() else False  # /dev/dxg: WSL2, GPUs without /dev/nvidia*
     return None
 
 

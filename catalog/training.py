@@ -134,16 +134,15 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     x: (B, C, S, S) -> (B, C, S, S). Random numbers come from ``gen`` (on the CPU)."""
     b, _, s, _ = x.shape
     pad = max(1, s // 8)
-    flips = torch.rand(b, generator=gen) < 0.5
-    offsets = torch.randint(0, 2 * pad + 1, (b, 2), generator=gen)
-    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    out = torch.empty_like(x)
-    for i, (dy, dx) in enumerate(offsets.tolist()):
-        out[i] = padded[i, :, dy : dy + s, dx : dx + s]
-    idx = flips.nonzero().flatten().to(x.device)
-    if idx.numel():
-        out[idx] = out[idx].flip(3)
-    return out
+    offsets = torch.randint(0, 2 * pad + 1, (b, 2), generator=gen)  # (B, 2) top-left corner of the crop
+    flips = torch.rand(b, generator=gen) < 0.5  # (B,)
+    ar = torch.arange(s)
+    rows = offsets[:, :1] + ar  # (B, S)
+    cols = offsets[:, 1:] + torch.where(flips[:, None], ar.flip(0), ar)  # (B, S), reversed when flipped
+    rows, cols, batch = rows.to(x.device), cols.to(x.device), torch.arange(b, device=x.device)
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")  # (B, C, S + 2 pad, S + 2 pad)
+    out = padded.permute(0, 2, 3, 1)[batch[:, None, None], rows[:, :, None], cols[:, None, :]]  # (B, S, S, C)
+    return out.permute(0, 3, 1, 2)
 
 
 # -- splits -------------------------------------------------------------------------------
@@ -203,7 +202,7 @@ class _Progress:
         if self.fn is None:
             return
         frac = min(1.0, done / self.total)
-        if frac >= 1.0 or frac - self.last >= 0.01:
+        if self.last < 1.0 and (frac >= 1.0 or frac - self.last >= 0.01):
             self.last = frac
             self.fn(frac)
 

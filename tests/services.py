@@ -123,14 +123,16 @@ class _Stopper:
     def __call__(self) -> None:
         if self.done:
             return
+        # Only marked done on success: if stopping is interrupted (second
+        # Ctrl-C) or fails, the atexit hook tries again (stop is idempotent).
+        _check("stop", str(self.directory), timeout=START_TIMEOUT_S)
         self.done = True
         atexit.unregister(self.at_exit)
-        _check("stop", str(self.directory), timeout=START_TIMEOUT_S)
 
     def at_exit(self) -> None:
         try:
             self()
-        except Exception as e:  # pragma: no cover - last resort
+        except BaseException as e:  # pragma: no cover - last resort
             print(f"tests/services.py: stopping services failed: {e}", file=sys.stderr)
 
 
