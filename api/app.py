@@ -10,11 +10,12 @@ from fastapi import FastAPI
 
 from api.dispatch import make_dispatcher
 from api.errors import install_error_handlers
-from api.routes import datasets, jobs
+from api.routes import datasets, experts, jobs
 from api.schemas import Health
 from catalog.context import CatalogContext
 from catalog.db import current_revision
 from catalog.jobs import mark_interrupted
+from catalog.indexing import restore_interrupted_indexing
 from catalog.registration import remove_interrupted_registrations
 from catalog.settings import Settings, load_settings
 
@@ -32,8 +33,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # running when it last stopped was interrupted; never leave half a dataset.
             stale = mark_interrupted(ctx, reason="interrupted: the server stopped while the job ran")
             removed = remove_interrupted_registrations(ctx)
-            if stale or removed:
-                log.warning("marked %d interrupted jobs failed; removed partial datasets %s", len(stale), removed)
+            restored = restore_interrupted_indexing(ctx)
+            if stale or removed or restored:
+                log.warning("marked %d interrupted jobs failed; removed partial datasets %s; index jobs interrupted on %s",
+                            len(stale), removed, restored)
         app.state.ctx = ctx
         app.state.dispatcher = make_dispatcher(ctx)
         try:
@@ -51,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(datasets.router)
     app.include_router(jobs.router)
+    app.include_router(experts.router)
 
     @app.get("/healthz", response_model=Health, tags=["health"])
     def healthz() -> Health:

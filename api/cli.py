@@ -32,10 +32,12 @@ db_app = typer.Typer(no_args_is_help=True, help="Create, upgrade and inspect the
 datasets_app = typer.Typer(no_args_is_help=True, help="Register, list, show and remove source datasets.")
 jobs_app = typer.Typer(no_args_is_help=True, help="Inspect jobs.")
 plugins_app = typer.Typer(no_args_is_help=True, help="Installed plugins.")
+experts_app = typer.Typer(no_args_is_help=True, help="The experts clients download.")
 app.add_typer(db_app, name="db")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(plugins_app, name="plugins")
+app.add_typer(experts_app, name="experts")
 
 out = Console()
 err = Console(stderr=True)
@@ -259,6 +261,100 @@ def datasets_rm(name: Annotated[str, typer.Argument(help="Dataset name (or id)."
             dataset_id = find_dataset(session=session, ref=name).id
         delete_dataset(ctx=ctx, dataset_id=dataset_id)
         out.print(f"removed dataset {name}")
+
+
+# --------------------------------------------------------------------------- index
+
+
+@app.command("index")
+@handles_errors
+def index(
+    name: Annotated[str, typer.Argument(help="Dataset name (or id).")],
+    clusters: Annotated[int, typer.Option(help="K: clusters, one rotation expert each.")] = 8,
+    partition: Annotated[str, typer.Option(help="kmeans (on embeddings) or labels (one cluster per label).")] = "kmeans",
+    backbone: Annotated[str, typer.Option(help="default, torchvision:<arch> or onnx:<file>.")] = "default",
+    weights: Annotated[str | None, typer.Option(help="Local weights file for a torchvision backbone.")] = None,
+    image_size: Annotated[int, typer.Option(help="Side in pixels of the experts' inputs.")] = 64,
+    epochs: Annotated[int, typer.Option(help="Training epochs per expert.")] = 8,
+    width: Annotated[int, typer.Option(help="Channels of the experts' first stage.")] = 16,
+    seed: Annotated[int, typer.Option(help="Seed for k-means and training.")] = 0,
+    wait: Annotated[bool, typer.Option("--wait", help="Server mode: follow the job until it ends (the embedded default always does).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the job result as JSON.")] = False,
+) -> None:
+    """Embed, cluster, train rotation experts and a label classifier, export them to ONNX."""
+    from sqlmodel import Session
+
+    from catalog.datasets import find_dataset
+    from catalog.indexing import IndexRequest, start_indexing
+
+    request = IndexRequest(clusters=clusters, partition=partition, backbone=backbone, weights=weights,
+                           image_size=image_size, epochs=epochs, width=width, seed=seed)
+    with open_ctx() as ctx:
+        with Session(ctx.engine) as session:
+            dataset_id = find_dataset(session=session, ref=name).id
+        job = start_indexing(ctx, dataset_id, request)
+        if ctx.settings.broker_url and not wait:
+            from api.dispatch import CeleryDispatcher
+
+            dispatcher = CeleryDispatcher(ctx.settings.broker_url)
+            try:
+                dispatcher.submit(job)
+            finally:
+                dispatcher.close()
+            out.print(f"queued index job {job.id}; follow it with 'nds jobs show {job.id}'")
+            return
+        finished = run_with_progress(ctx, job, f"indexing {name}", quiet=as_json)
+        if finished.status.value != "succeeded":
+            raise fail(f"indexing {name!r} failed: {finished.error}", "the previous index (if any) is still the active one")
+        result = finished.result or {}
+        if as_json:
+            print_json({**result, "job_id": job.id})
+            return
+        table = Table(title=f"{name}: index version {result['index_version']}, backbone {result['backbone']['version']}")
+        for col in ("cluster", "label", "size", "expert held-out rotation acc."):
+            table.add_column(col)
+        for c in result["clusters"]:
+            table.add_row(str(c["cluster"]), str(c["label"] or ""), str(c["size"]), f"{c['heldout_accuracy']:.3f}")
+        out.print(table)
+        if result.get("classifier"):
+            cls = result["classifier"]
+            out.print(f"label classifier: {len(cls['labels'])} labels, held-out accuracy {cls['heldout_accuracy']:.3f}")
+        out.print("seconds per step: " + ", ".join(f"{k} {v}" for k, v in result["seconds"].items()), highlight=False)
+
+
+@experts_app.command("list")
+@handles_errors
+def experts_list(
+    dataset: Annotated[str | None, typer.Option(help="Only this dataset's experts (name or id).")] = None,
+    kind: Annotated[str | None, typer.Option(help="rotation or classifier.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (the REST API's field names).")] = False,
+) -> None:
+    """List the experts of every dataset's active index."""
+    from sqlmodel import Session
+
+    from catalog.datasets import find_dataset, list_datasets
+    from catalog.errors import InvalidInputError
+    from catalog.experts import list_experts
+    from catalog.models import ExpertKind, ExpertPublic
+
+    try:
+        kind_value = ExpertKind(kind) if kind else None
+    except ValueError:
+        raise InvalidInputError(f"unknown kind {kind!r}", field="kind", hint="rotation or classifier") from None
+    with open_ctx() as ctx, Session(ctx.engine) as session:
+        dataset_id = find_dataset(session=session, ref=dataset).id if dataset else None
+        rows, count = list_experts(session=session, dataset_id=dataset_id, kind=kind_value, limit=2**31)
+        names = {d.id: d.name for d in list_datasets(session=session, limit=2**31)[0]}
+        if as_json:
+            print_json({"data": [ExpertPublic.model_validate(e).model_dump(mode="json") for e in rows], "count": count})
+            return
+        table = Table(title=f"{count} experts")
+        for col in ("id", "kind", "dataset", "cluster", "input", "held-out acc.", "KB", "sha256"):
+            table.add_column(col)
+        for e in rows:
+            table.add_row(str(e.id), e.kind.value, names.get(e.dataset_id, str(e.dataset_id)), "" if e.cluster is None else str(e.cluster),
+                          str(e.input_size), f"{e.metrics.get('heldout_accuracy', 0):.3f}", f"{e.byte_size / 1024:.0f}", e.sha256[:12])
+        out.print(table)
 
 
 # --------------------------------------------------------------------------- jobs

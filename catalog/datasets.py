@@ -63,6 +63,15 @@ def list_samples(*, session: Session, dataset_id: int, offset: int = 0, limit: i
     return list(rows), dataset.num_samples
 
 
+def list_clusters(*, session: Session, dataset_id: int) -> list[Cluster]:
+    dataset = get_dataset(session=session, dataset_id=dataset_id)
+    return list(
+        session.exec(
+            select(Cluster).where(Cluster.dataset_id == dataset_id, Cluster.index_version == dataset.index_version).order_by(Cluster.cluster)
+        ).all()
+    )
+
+
 def delete_dataset(*, ctx: CatalogContext, dataset_id: int) -> Dataset:
     """Remove a dataset's rows and vectors; its source files and artifacts stay."""
     with session_scope(ctx.engine) as session:

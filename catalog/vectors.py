@@ -460,11 +460,14 @@ class EdgeVectorStore(VectorStore):
                 EdgeConfig,
                 EdgeShard,
                 EdgeVectorParams,
+                IntegerIndexParams,
                 PayloadSchemaType,
                 UpdateOperation,
             )
 
-            schema = {"integer": PayloadSchemaType.Integer, "keyword": PayloadSchemaType.Keyword}
+            # Integer indexes without the range structure: only exact matches are asked for, and
+            # the range index doubles what loading the shard costs (every call loads it).
+            schema = {"integer": IntegerIndexParams(lookup=True, range=False), "keyword": PayloadSchemaType.Keyword}
             with self._locked(name):
                 if self._meta_path(name).exists():
                     existing = self._read_dim(name)
@@ -486,10 +489,12 @@ class EdgeVectorStore(VectorStore):
 
     def has_collection(self, name: str) -> bool:
         _check_name(name)
+        self._check_open()
         return self._meta_path(name).exists()
 
     def list_collections(self) -> list[str]:
         with self._errors("list vector collections"):
+            self._check_open()
             names = [p.name[: -len(".json")] for p in self.path.glob("*.json")]
             return sorted(n for n in names if _NAME_RE.fullmatch(n) and self._shard_dir(n).is_dir())
 

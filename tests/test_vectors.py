@@ -230,6 +230,7 @@ def test_delete_collection_and_close(store: VectorStore) -> None:
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:Api key is used with an insecure connection:UserWarning")
 def test_open_vector_store_picks_the_backend_from_settings(tmp_path: Path) -> None:
     with open_vector_store(load_settings(home=tmp_path, qdrant_url=None)) as embedded:
         assert isinstance(embedded, EdgeVectorStore)
@@ -243,6 +244,16 @@ def test_unreachable_server_is_service_unavailable() -> None:
         with pytest.raises(ServiceUnavailableError, match="cannot be reached") as info:
             remote.list_collections()
         assert info.value.__cause__ is not None
+
+
+def test_edge_engine_failure_becomes_vector_store_error(tmp_path: Path) -> None:
+    store = EdgeVectorStore(tmp_path / "vectors")
+    fill(store, n=3)
+    (tmp_path / "vectors" / "emb" / "edge_config.json").write_text("not json")  # a damaged shard
+    with pytest.raises(VectorStoreError, match="cannot count vector collection 'emb'") as info:
+        store.count("emb")
+    assert not isinstance(info.value, NotFoundError)
+    assert info.value.__cause__ is not None
 
 
 def test_edge_waits_for_the_lock_then_reports_busy(tmp_path: Path) -> None:

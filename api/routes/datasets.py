@@ -5,10 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Response, status
 
 from api.deps import CtxDep, DispatcherDep, LimitDep, OffsetDep, SessionDep
-from api.schemas import DatasetRegister, DatasetRegistered
+from api.schemas import DatasetRegister, DatasetRegistered, IndexBody
+from catalog.indexing import IndexRequest, restore_status, start_indexing
 from catalog import datasets as repo
 from catalog.db import session_scope
-from catalog.models import Dataset, DatasetPublic, DatasetsPublic, JobStatus, SamplePublic, SamplesPublic
+from catalog.models import ClusterPublic, Dataset, DatasetPublic, JobPublic, DatasetsPublic, JobStatus, SamplePublic, SamplesPublic
 from catalog.registration import RegistrationRequest, remove_partial_dataset, start_registration
 from catalog.jobs import get_job
 
@@ -47,6 +48,28 @@ def get_dataset(dataset_id: int, session: SessionDep) -> DatasetPublic:
 def list_samples(dataset_id: int, session: SessionDep, offset: OffsetDep = 0, limit: LimitDep = 100) -> SamplesPublic:
     rows, count = repo.list_samples(session=session, dataset_id=dataset_id, offset=offset, limit=limit)
     return SamplesPublic(data=[SamplePublic.model_validate(s) for s in rows], count=count)
+
+
+@router.post("/{dataset_id}/index", status_code=status.HTTP_202_ACCEPTED, response_model=JobPublic)
+def index_dataset(dataset_id: int, body: IndexBody, ctx: CtxDep, dispatcher: DispatcherDep) -> JobPublic:
+    """Embed, cluster, train one rotation expert per cluster and a label classifier, export to ONNX."""
+    job = start_indexing(ctx, dataset_id, IndexRequest(**body.model_dump()))
+    try:
+        dispatcher.submit(job)
+    except Exception:
+        with session_scope(ctx.engine) as session:
+            stored = get_job(session, job.id)
+            stored.status, stored.error = JobStatus.failed, "the job could not be queued"
+        restore_status(ctx, dataset_id)
+        raise
+    with session_scope(ctx.engine) as session:
+        return JobPublic.model_validate(get_job(session, job.id))
+
+
+@router.get("/{dataset_id}/clusters", response_model=list[ClusterPublic])
+def list_clusters(dataset_id: int, session: SessionDep) -> list[ClusterPublic]:
+    """The clusters of the dataset's active index version."""
+    return [ClusterPublic.model_validate(c) for c in repo.list_clusters(session=session, dataset_id=dataset_id)]
 
 
 @router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,57 @@
+"""/v1/experts: the ONNX networks clients download and run on their own images."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response
+from fastapi.responses import FileResponse
+
+from api.deps import CtxDep, LimitDep, OffsetDep, SessionDep
+from catalog.experts import get_expert, list_experts
+from catalog.models import ExpertKind, ExpertPublic, ExpertsPublic
+
+router = APIRouter(prefix="/v1/experts", tags=["experts"])
+
+
+@router.get("", response_model=ExpertsPublic)
+def experts(
+    session: SessionDep,
+    dataset: Annotated[int | None, Query(description="Only this dataset's experts.")] = None,
+    kind: Annotated[ExpertKind | None, Query(description="rotation or classifier.")] = None,
+    offset: OffsetDep = 0,
+    limit: LimitDep = 1000,
+) -> ExpertsPublic:
+    """Experts of every dataset's active index version."""
+    rows, count = list_experts(session=session, dataset_id=dataset, kind=kind, offset=offset, limit=limit)
+    return ExpertsPublic(data=[ExpertPublic.model_validate(e) for e in rows], count=count)
+
+
+@router.get("/{expert_id}", response_model=ExpertPublic)
+def expert(expert_id: int, session: SessionDep) -> ExpertPublic:
+    return ExpertPublic.model_validate(get_expert(session=session, expert_id=expert_id))
+
+
+@router.get(
+    "/{expert_id}/model.onnx",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}, 304: {"description": "Not modified (If-None-Match)"}},
+)
+def expert_model(
+    expert_id: int,
+    session: SessionDep,
+    ctx: CtxDep,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    """The expert's ONNX file; the ETag is its sha256."""
+    found = get_expert(session=session, expert_id=expert_id)
+    etag = f'"{found.sha256}"'
+    if if_none_match and etag in {tag.strip() for tag in if_none_match.split(",")}:
+        return Response(status_code=304, headers={"ETag": etag})
+    path = ctx.artifacts.open_path(found.artifact)
+    return FileResponse(
+        path,
+        media_type="application/octet-stream",
+        filename=f"expert-{found.id}.onnx",
+        headers={"ETag": etag, "X-Content-SHA256": found.sha256},
+    )

@@ -1,0 +1,1 @@
+"""Embedding backbone plugins: turn images into vectors of one embedding space."""
