@@ -47,7 +47,7 @@ def p50_ms(call: Callable[[np.ndarray], object], queries: np.ndarray) -> float:
     return statistics.median(times) * 1000
 
 
-def shard_open_close_ms(shard_dir: Path, repeats: int = 10) -> tuple[float, float]:
+def shard_open_close_ms(shard_dir: Path, repeats: int = 20) -> tuple[float, float]:
     from qdrant_edge import EdgeShard
 
     opens, closes = [], []

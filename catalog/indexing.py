@@ -412,7 +412,8 @@ def train_and_export(
             "outputs": ["logits", "features"],
         }
         path.parent.mkdir(parents=True, exist_ok=True)
-        export_onnx(result.model, net, metadata=meta, path=path)  # temp file + parity check + rename
+        # every value JSON-encoded, so readers decode all of them the same way
+        export_onnx(result.model, net, metadata={k: json.dumps(v) for k, v in meta.items()}, path=path)  # temp + parity + rename
     return {
         "kind": kind,
         "cluster": cluster,
