@@ -7,14 +7,9 @@ from __future__ import annotations
 
 from catalog.context import CatalogContext
 from catalog.errors import ServiceUnavailableError
-from catalog.jobs import Dispatcher, ThreadDispatcher
+from catalog.jobs import JOB_QUEUES, RUN_JOB_TASK, Dispatcher, ThreadDispatcher
 from catalog.models import Job
 
-#: job kind -> (Celery task name, queue); must match the names in workers/tasks.py
-CELERY_ROUTES = {
-    "register": ("nds.run_job", "cpu"),
-    "index": ("nds.run_job", "gpu"),
-}
 
 
 class CeleryDispatcher:
@@ -28,9 +23,8 @@ class CeleryDispatcher:
         self.app.conf.broker_transport_options = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2}
 
     def submit(self, job: Job) -> None:
-        task, queue = CELERY_ROUTES.get(job.kind, ("nds.run_job", "cpu"))
         try:
-            self.app.send_task(task, args=[job.id], queue=queue, retry=False)
+            self.app.send_task(RUN_JOB_TASK, args=[job.id], queue=JOB_QUEUES.get(job.kind, "cpu"), retry=False)
         except Exception as exc:  # kombu raises a zoo of connection errors; translate them all here
             raise ServiceUnavailableError(
                 f"the job broker at {self.app.conf.broker_url} cannot be reached: {exc}",

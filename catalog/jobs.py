@@ -32,6 +32,12 @@ log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[str | None, float], None]
 
+#: Where server mode runs each kind of job: registration reads files (the cpu queue),
+#: indexing trains networks (the gpu queue). The API enqueues by task name and queue;
+#: the workers consume them; neither imports the other.
+JOB_QUEUES: dict[str, str] = {"register": "cpu", "index": "gpu"}
+RUN_JOB_TASK = "nds.run_job"
+
 
 class JobHandler(Protocol):
     def __call__(self, ctx: CatalogContext, job: Job, report: JobReporter) -> dict[str, Any]: ...
@@ -102,17 +108,21 @@ class JobReporter:
                 )
 
 
-def run_job(ctx: CatalogContext, job_id: str, *, listener: ProgressCallback | None = None) -> Job:
-    """Run one job to completion; never raises for a failure of the job itself."""
+def run_job(ctx: CatalogContext, job_id: str, *, listener: ProgressCallback | None = None, worker: str | None = None) -> Job:
+    """Run one job to completion; never raises for a failure of the job itself.
+
+    Idempotent: a job that already succeeded is not run again (a redelivered Celery task).
+    """
     with session_scope(ctx.engine) as session:
         job = get_job(session, job_id)
         if job.status == JobStatus.succeeded:
-            return job  # idempotent: a redelivered job that already finished does nothing
+            return job
         handler = job_handlers().get(job.kind)
         job.status = JobStatus.running
         job.started_at = utcnow()
         job.attempts += 1
         job.error = None
+        job.worker = worker
     reporter = JobReporter(ctx.engine, job_id, listener=listener)
     if handler is None:
         return _finish(ctx, job_id, error=f"no handler for job kind '{job.kind}'")
@@ -149,6 +159,18 @@ def mark_interrupted(ctx: CatalogContext, *, reason: str) -> list[Job]:
             job.error = reason
             job.finished_at = utcnow()
         return list(stale)
+
+
+def orphaned_jobs(ctx: CatalogContext, *, host: str, alive: Callable[[int], bool]) -> list[str]:
+    """Ids of jobs marked running by a process of ``host`` that no longer exists."""
+    with session_scope(ctx.engine) as session:
+        running = session.exec(select(Job).where(Job.status == JobStatus.running, Job.worker.like(f"{host}:%"))).all()
+        orphans = []
+        for job in running:
+            _, _, pid = (job.worker or "").rpartition(":")
+            if pid.isdigit() and not alive(int(pid)):
+                orphans.append(job.id)
+        return orphans
 
 
 class Dispatcher(Protocol):

@@ -225,6 +225,7 @@ class Job(SQLModel, table=True):
     result: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     error: str | None = None
     attempts: int = 0
+    worker: str | None = Field(default=None, max_length=255, description="host:pid of the process running it.")
     created_at: datetime = Field(default_factory=utcnow)
     started_at: datetime | None = None
     finished_at: datetime | None = None

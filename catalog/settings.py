@@ -25,6 +25,10 @@ class Settings(BaseSettings):
         default_factory=lambda: [Path.cwd()],
         description="Folders that registered sources must live under (comma- or os.pathsep-separated).",
     )
+    broker_visibility_timeout: int = Field(
+        default=6 * 3600,
+        description="Seconds before the broker hands an unacknowledged job to another worker; longer than the longest training job.",
+    )
     max_budget: int = Field(default=10_000_000, description="Largest budget a query may ask for.")
     page_limit: int = Field(default=1000, description="Largest page a list endpoint returns.")
     scan_workers: int = Field(default=8, description="Threads that read images while registering a source.")

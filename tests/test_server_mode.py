@@ -69,3 +69,52 @@ def test_bad_input_in_server_mode(server_settings, worker):
         job = wait_job(api, resp.json()["job_id"])
         assert job["status"] == "failed" and "no readable images" in job["error"]
         assert "junk" not in [d["name"] for d in api.get("/v1/datasets").json()["data"]]
+
+
+def test_index_on_the_worker_survives_a_killed_worker(server_settings, worker):
+    """SIGKILL the worker in the middle of expert training; after a restart the job
+    completes with exactly one artifact and one catalog row per expert."""
+    from sqlmodel import Session, select
+
+    from api.app import create_app
+    from catalog.context import CatalogContext
+    from catalog.models import Expert
+
+    folder = write_images(server_settings.data_roots[0] / "killme", n=40, size=32)
+    with TestClient(create_app(server_settings)) as api:
+        created = api.post("/v1/datasets", json={"name": "killme", "path": str(folder)})
+        assert wait_job(api, created.json()["job_id"])["status"] == "succeeded"
+        did = created.json()["id"]
+        resp = api.post(f"/v1/datasets/{did}/index", json={"clusters": 3, "epochs": 6, "image_size": 32, "width": 8})
+        assert resp.status_code == 202, resp.text
+        job_id = resp.json()["id"]
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:  # wait until the first expert is done and the second is training
+            job = api.get(f"/v1/jobs/{job_id}").json()
+            assert job["status"] != "failed", job
+            if job["step"] == "experts" and job["progress"] > 0.35 + 0.55 * 0.45:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"never reached expert training: {job}")
+        assert job["status"] == "running"
+        worker.kill()
+        assert api.get(f"/v1/jobs/{job_id}").json()["status"] == "running"  # the crash left it running
+        worker.start()
+        job = wait_job(api, job_id, timeout=300)
+        assert job["status"] == "succeeded", job
+        assert any(c["reused"] for c in job["result"]["clusters"])  # finished experts were not retrained
+        num_clusters = len(job["result"]["clusters"])
+        experts_dir = server_settings.artifacts_path / "experts" / str(did)
+        files = sorted(p.name for p in experts_dir.iterdir())
+        assert len(files) == num_clusters + 1 and all(f.endswith(".onnx") for f in files), files  # no temp files left
+        ds = api.get(f"/v1/datasets/{did}").json()
+        assert (ds["status"], ds["index_version"]) == ("indexed", 1)
+    ctx = CatalogContext.open(server_settings)
+    try:
+        with Session(ctx.engine) as session:
+            rows = session.exec(select(Expert).where(Expert.dataset_id == did)).all()
+        assert sorted((e.kind.value, e.cluster) for e in rows) == [("classifier", None)] + [("rotation", k) for k in range(num_clusters)]
+        assert sorted(ctx.artifacts.path(e.artifact).name for e in rows) == files
+    finally:
+        ctx.close()

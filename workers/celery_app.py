@@ -10,30 +10,28 @@ handed to a second worker while the first still runs it.
 from __future__ import annotations
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from catalog.settings import Settings, load_settings
 
-#: seconds a task may stay unacknowledged before Redis redelivers it; longer than any job
-VISIBILITY_TIMEOUT_S = 6 * 3600
 
 
 def create_celery(settings: Settings) -> Celery:
     app = Celery("nds", broker=settings.broker_url, include=["workers.tasks"])
     app.conf.update(
-        task_queues=[Queue("cpu"), Queue("gpu")],
+        task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name) for name in ("cpu", "gpu")],
         task_default_queue="cpu",
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         worker_max_tasks_per_child=50,
-        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout},
         broker_connection_retry_on_startup=True,
         task_ignore_result=True,
         task_serializer="json",
         accept_content=["json"],
         worker_hijack_root_logger=False,
-        task_time_limit=VISIBILITY_TIMEOUT_S - 600,
+        task_time_limit=max(settings.broker_visibility_timeout - 60, 60),
     )
     return app
 

@@ -2,18 +2,25 @@
 
 Each worker process builds its own :class:`CatalogContext` after the fork (so no
 database connection, vector store handle or CUDA context is shared with the parent).
+Every job records the ``host:pid`` running it; when a worker starts, it re-queues the
+jobs that a dead process on the same host left running (a worker killed mid-training
+and restarted picks its job up at once instead of after the broker's visibility
+timeout). Jobs are idempotent, so a second delivery of the same job is harmless.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
 from sqlalchemy.exc import OperationalError
 
 from catalog.context import CatalogContext
 from catalog.errors import ServiceUnavailableError
-from catalog.jobs import run_job
+from catalog.jobs import JOB_QUEUES, RUN_JOB_TASK, get_job, orphaned_jobs, run_job
+from catalog.db import session_scope
 from catalog.settings import load_settings
 from workers.celery_app import app
 
@@ -48,8 +55,38 @@ def _close(**_: object) -> None:
     _ProcessContext.close()
 
 
+def _pid_alive(pid: int) -> bool:
+    """Whether a process runs; a zombie (killed, not yet reaped) counts as dead."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            state = fh.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
+@worker_ready.connect
+def _requeue_orphans(**_: object) -> None:
+    """Re-queue jobs left running by a dead worker process of this host."""
+    ctx = CatalogContext.open(load_settings())
+    try:
+        for job_id in orphaned_jobs(ctx, host=socket.gethostname(), alive=_pid_alive):
+            with session_scope(ctx.engine) as session:
+                kind = get_job(session, job_id).kind
+            log.warning("re-queuing job %s (%s): the worker running it died", job_id, kind)
+            run_job_task.apply_async(args=[job_id], queue=JOB_QUEUES.get(kind, "cpu"))
+    finally:
+        ctx.close()
+
+
 @app.task(
-    name="nds.run_job",
+    name=RUN_JOB_TASK,
     acks_late=True,
     reject_on_worker_lost=True,
     autoretry_for=(OperationalError, ServiceUnavailableError),
@@ -60,5 +97,5 @@ def _close(**_: object) -> None:
 )
 def run_job_task(job_id: str) -> str:
     """Run one catalog job by id; its outcome is recorded on the job row."""
-    job = run_job(_ProcessContext.get(), job_id)
+    job = run_job(_ProcessContext.get(), job_id, worker=f"{socket.gethostname()}:{os.getpid()}")
     return job.status.value

@@ -13,7 +13,7 @@ import json
 import numpy as np
 
 from catalog.artifacts import sha256_file
-from catalog.errors import InvalidInputError, PluginError
+from catalog.errors import ArtifactError, InvalidInputError, PluginError
 from catalog.onnx_runtime import create_session, read_metadata
 from catalog.paths import resolve_in_roots
 from plugins.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneEnv, normalize_rows, to_nchw
@@ -27,12 +27,21 @@ class OnnxBackbone(Backbone):
         outputs = [o.name for o in self.session.get_outputs()]
         self.output_name = "features" if "features" in outputs else outputs[0]
         shape = inp.shape
-        size = shape[-1] if len(shape) == 4 and isinstance(shape[-1], int) else int(meta.get("input_size", 224))
-        self.input_size = int(size)
-        self.mean = tuple(json.loads(meta["mean"])) if "mean" in meta else IMAGENET_MEAN
-        self.std = tuple(json.loads(meta["std"])) if "std" in meta else IMAGENET_STD
+        try:
+            size = shape[-1] if len(shape) == 4 and isinstance(shape[-1], int) else int(meta.get("input_size", 224))
+            self.input_size = int(size)
+            self.mean = tuple(float(v) for v in json.loads(meta["mean"])) if "mean" in meta else IMAGENET_MEAN
+            self.std = tuple(float(v) for v in json.loads(meta["std"])) if "std" in meta else IMAGENET_STD
+        except (ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+            raise PluginError(f"{path}: bad input_size/mean/std metadata: {exc}", hint="store them JSON-encoded, e.g. mean = [0.485, 0.456, 0.406]") from exc
         self.version = f"onnx-{sha256_file(path)[:12]}"
-        probe = self._run(np.zeros((2, self.input_size, self.input_size, 3), np.uint8))
+        try:  # onnxruntime raises its own types (InvalidArgument, Fail, ...) for a model that does not fit
+            probe = self._run(np.zeros((2, self.input_size, self.input_size, 3), np.uint8))
+        except Exception as exc:  # noqa: BLE001 - translated here, once
+            raise PluginError(
+                f"{path} does not run on float32 images (N, 3, {self.input_size}, {self.input_size}): {exc}",
+                hint="export a feature extractor with input (N, 3, S, S) and a dynamic batch axis",
+            ) from exc
         self.dim = int(probe.shape[1])
 
     def _run(self, images: np.ndarray) -> np.ndarray:
@@ -51,4 +60,7 @@ def load(arg: str | None, env: BackboneEnv) -> Backbone:
         path = resolve_in_roots(arg, list(env.data_roots), field="backbone")
     except InvalidInputError as exc:
         raise PluginError(exc.message, hint=exc.hint) from exc
-    return OnnxBackbone(path, read_metadata(path))
+    try:
+        return OnnxBackbone(path, read_metadata(path))
+    except ArtifactError as exc:  # not an ONNX file, or one onnxruntime cannot load
+        raise PluginError(exc.message, hint=exc.hint or "check that the file is an ONNX model") from exc
