@@ -36,7 +36,7 @@ from sqlmodel import select
 
 from catalog.context import CatalogContext
 from catalog.db import session_scope
-from catalog.errors import ConflictError, InvalidInputError, NotFoundError, PluginError
+from catalog.errors import ConflictError, InvalidInputError, NDSError, NotFoundError
 from catalog.images import load_images
 from catalog.jobs import JobFailed, JobReporter, create_job
 from catalog.models import Assignment, Cluster, Dataset, DatasetStatus, Expert, ExpertKind, Job, Sample, utcnow
@@ -294,7 +294,7 @@ def resolve_backbone(ctx: CatalogContext, request: IndexRequest, report: JobRepo
     try:
         loader = ctx.backbones.get(name)
         return loader(arg, env)
-    except PluginError as exc:
+    except NDSError as exc:
         raise JobFailed(f"backbone {request.backbone!r}: {exc.message}", hint=exc.hint) from exc
 
 
@@ -378,6 +378,7 @@ def train_and_export(
     if path.is_file():
         try:
             meta = {k: json.loads(v) for k, v in read_metadata(path).items()}
+            meta["backbone_version"] = backbone.version  # experts do not depend on it; the index does
             reused = True
         except Exception:  # noqa: BLE001 - an unreadable leftover is retrained and replaced
             reused = False
