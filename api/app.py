@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from api.dispatch import make_dispatcher
 from api.errors import install_error_handlers
-from api.routes import datasets, experts, jobs
+from api.routes import datasets, experts, jobs, queries
 from api.schemas import Health
 from catalog.context import CatalogContext
 from catalog.db import current_revision
@@ -55,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(datasets.router)
     app.include_router(jobs.router)
     app.include_router(experts.router)
+    app.include_router(queries.router)
 
     @app.get("/healthz", response_model=Health, tags=["health"])
     def healthz() -> Health:

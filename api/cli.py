@@ -357,6 +357,83 @@ def experts_list(
         out.print(table)
 
 
+# --------------------------------------------------------------------------- query
+
+
+MANIFEST_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".parquet": "parquet"}
+
+
+@app.command("query")
+@handles_errors
+def query(
+    server: Annotated[str, typer.Option(help="URL of the server, e.g. http://127.0.0.1:8000.")],
+    scores: Annotated[Path, typer.Option(help="Scores file written by 'nds score' (plain JSON).")],
+    budget: Annotated[int, typer.Option(help="Number of samples to select.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="manifest.csv|.jsonl|.parquet, or a folder with --format imagefolder.")],
+    priors: Annotated[Path | None, typer.Option(help="Label priors JSON: {dataset_id: {label: p}} (default: those in the scores file).")] = None,
+    no_replacement: Annotated[bool, typer.Option("--no-replacement", help="Elastic matcher: no sample twice.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed: the same request and seed give the same manifest.")] = 0,
+    temperature: Annotated[float | None, typer.Option(help="Softmax temperature over normalised scores (default 0.1).")] = None,
+    datasets: Annotated[str | None, typer.Option(help="Comma-separated dataset ids to select from.")] = None,
+    format: Annotated[str | None, typer.Option(help="csv, jsonl, parquet or imagefolder (default: from the output's suffix).")] = None,
+    copy: Annotated[bool, typer.Option("--copy", help="imagefolder: copy the images instead of symlinking them.")] = False,
+    token: Annotated[str | None, typer.Option(envvar="NDS_TOKEN", help="API key.")] = None,
+) -> None:
+    """Turn expert scores (and label priors) into a sampled training manifest."""
+    import tempfile
+
+    from api.client import NDSClient, Scores
+    from catalog.errors import InvalidInputError
+
+    fmt = format or MANIFEST_FORMATS.get(output.suffix.lower())
+    if fmt is None:
+        raise InvalidInputError(f"cannot tell the format of {output.name}", field="output", hint="use .csv, .jsonl, .parquet or --format")
+    loaded = Scores.load(scores)
+    label_priors = loaded.label_priors
+    if priors is not None:
+        try:
+            label_priors = {int(k): v for k, v in json.loads(priors.read_text()).items()}
+        except (OSError, ValueError, AttributeError) as exc:
+            raise InvalidInputError(f"cannot read priors from {priors}: {exc}", field="priors", hint="a JSON object {dataset_id: {label: p}}") from exc
+    dataset_ids = [int(x) for x in datasets.split(",")] if datasets else None
+    with NDSClient(server, token=token) as client:
+        result = client.query(
+            scores=loaded.scores, label_priors=label_priors, budget=budget, replacement=not no_replacement,
+            temperature=temperature, datasets=dataset_ids, seed=seed, target_size=loaded.num_images, score_method=loaded.method,
+        )
+        if fmt == "imagefolder":
+            from plugins.exporters.imagefolder import build_tree
+
+            with tempfile.TemporaryDirectory() as tmp:
+                manifest = client.manifest(result["id"], Path(tmp) / "manifest.jsonl")
+                with manifest.open() as fh:
+                    made = build_tree((json.loads(line) for line in fh), output, copy=copy)
+            written = f"{output} ({made} files)"
+        else:
+            client.manifest(result["id"], output, format=fmt)
+            written = str(output)
+    print_query_summary(result)
+    out.print(f"manifest: {written}", highlight=False)
+
+
+def print_query_summary(result: dict) -> None:
+    summary = result["summary"]
+    table = Table(title=f"query {result['id']}: {summary['selected']} selected, {summary['unique_samples']} unique, "
+                        f"effective sample size {summary['effective_sample_size']}")
+    for col in ("dataset", "cluster", "selected", "unique", "weight mass"):
+        table.add_column(col)
+    for ds in summary["datasets"]:
+        table.add_row(f"[bold]{ds['dataset']}[/]", "all", str(ds["selected"]), str(ds["unique"]), f"{ds['mass']:.4f}")
+        for cl in ds["clusters"]:
+            if cl["selected"] or cl["mass"] > 1e-4:
+                table.add_row("", str(cl["cluster"]), str(cl["selected"]), str(cl["unique"]), f"{cl['mass']:.4f}")
+    out.print(table)
+    for note in summary.get("notes", []):
+        out.print(f"note: {note}", highlight=False)
+    rec = summary["recommendation"]
+    out.print(f"recommended recipe: [bold]{rec['recipe']}[/]: {rec['reason']}", highlight=False)
+
+
 # --------------------------------------------------------------------------- jobs
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from datetime import datetime
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -42,3 +43,51 @@ class IndexBody(BaseModel):
     epochs: int = Field(default=8, ge=1, le=1000, description="Training epochs per expert.")
     width: int = Field(default=16, ge=4, le=128, description="Channels of the experts' first stage.")
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
+
+
+class QueryBody(BaseModel):
+    """POST /v1/queries."""
+
+    model_config = ConfigDict(extra="forbid")
+    expert_scores: dict[int, float] = Field(default_factory=dict, description="Expert id -> score, from the client.", max_length=100_000)
+    label_priors: dict[int, dict[str, float]] | None = Field(default=None, description="Dataset id -> label -> P_t(y); each sums to 1 within 1e-3.")
+    budget: int = Field(description="Number of samples to select.", examples=[10_000])
+    replacement: bool = Field(default=True, description="True: same distribution matcher (repeats); false: elastic, no repeats.")
+    temperature: float | None = Field(default=None, description="Softmax temperature over normalised scores (default 0.1).")
+    datasets: list[int] | None = Field(default=None, description="Only select from these dataset ids.", max_length=10_000)
+    seed: int = Field(default=0, ge=0, le=2**63 - 1)
+    target_size: int | None = Field(default=None, ge=1, le=10**9, description="Number of target images (for the recommended recipe).")
+    score_method: Literal["rotation", "linear-probe"] | None = Field(default=None, description="How the scores were computed.")
+
+
+class QueryPublic(BaseModel):
+    id: str
+    created_at: datetime
+    request: dict[str, Any]
+    index_versions: dict[str, Any]
+    summary: dict[str, Any]
+
+
+class SearchBody(BaseModel):
+    """POST /v1/search: nearest source samples to given embedding vectors."""
+
+    model_config = ConfigDict(extra="forbid")
+    vectors: list[list[float]] = Field(min_length=1, max_length=256, description="Query embeddings, in the space of `backbone`.")
+    k: int = Field(default=10, ge=1, le=1000)
+    datasets: list[int] | None = Field(default=None, max_length=10_000)
+    backbone: str | None = Field(default=None, description="Backbone version (embedding space); default: the space of the indexed datasets.")
+
+
+class SearchHit(BaseModel):
+    sample_id: int
+    score: float
+    dataset_id: int
+    dataset: str
+    label: str | None
+    cluster: int | None
+    uri: str
+
+
+class SearchResult(BaseModel):
+    backbone: str
+    results: list[list[SearchHit]]

@@ -10,7 +10,7 @@ from sqlmodel import Session, select
 from catalog.context import CatalogContext
 from catalog.db import session_scope
 from catalog.errors import ConflictError, InvalidInputError, NotFoundError
-from catalog.models import Assignment, Cluster, Dataset, DatasetStatus, Expert, Sample
+from catalog.models import Assignment, Cluster, Dataset, DatasetStatus, Expert, Group, Sample
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 BUSY = (DatasetStatus.registering, DatasetStatus.indexing)
@@ -92,5 +92,5 @@ def delete_dataset(*, ctx: CatalogContext, dataset_id: int) -> Dataset:
 
 def purge_rows(session: Session, dataset_id: int) -> None:
     """Delete everything that hangs off a dataset row (explicitly, whatever the database's FK settings)."""
-    for table in (Assignment, Expert, Cluster, Sample):
+    for table in (Assignment, Group, Expert, Cluster, Sample):
         session.exec(delete(table).where(table.dataset_id == dataset_id))

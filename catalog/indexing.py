@@ -39,7 +39,7 @@ from catalog.db import session_scope
 from catalog.errors import ConflictError, InvalidInputError, NDSError, NotFoundError
 from catalog.images import load_images
 from catalog.jobs import JobFailed, JobReporter, create_job
-from catalog.models import Assignment, Cluster, Dataset, DatasetStatus, Expert, ExpertKind, Job, Sample, utcnow
+from catalog.models import Assignment, Cluster, Dataset, DatasetStatus, Expert, ExpertKind, Group, Job, Sample, utcnow
 from catalog.paths import resolve_in_roots
 from plugins.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneEnv
 
@@ -443,7 +443,7 @@ def commit_index(
         dataset = session.get(Dataset, dataset_id)
         version = dataset.index_version + 1
         # a retried job may have left rows of this version behind: start clean
-        for table in (Assignment, Cluster, Expert):
+        for table in (Assignment, Cluster, Expert, Group):
             session.exec(delete(table).where(table.dataset_id == dataset_id, table.index_version == version))
         session.execute(
             insert(Cluster),
@@ -460,6 +460,13 @@ def commit_index(
                 for sid, c, lab, r in zip(ids.tolist(), clusters.tolist(), labels, ranks.tolist())
             ],
         )
+        session.execute(
+            insert(Group),
+            [
+                {"dataset_id": dataset_id, "index_version": version, "cluster": c, "label": lab, "size": int(n)}
+                for (c, lab), n in sorted(counters.items(), key=lambda kv: (kv[0][0], kv[0][1] is None, kv[0][1] or ""))
+            ],
+        )
         for e in experts:
             session.add(
                 Expert(
@@ -468,7 +475,7 @@ def commit_index(
                 )
             )
         # keep the previous version (queries in flight may still read it); drop older ones
-        for table in (Assignment, Cluster, Expert):
+        for table in (Assignment, Cluster, Expert, Group):
             session.exec(delete(table).where(table.dataset_id == dataset_id, table.index_version < version - 1))
         dataset.index_version = version
         dataset.backbone = backbone.version

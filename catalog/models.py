@@ -153,6 +153,22 @@ class ClusterPublic(SQLModel):
     label: str | None
 
 
+class Group(SQLModel, table=True):
+    """The samples of one (dataset, cluster, label) in one index version: the unit of sampling.
+
+    Weights are constant inside a group, so a query reads these G rows, never the N samples.
+    """
+
+    __tablename__ = "groups"
+    __table_args__ = (Index("ix_groups_version", "dataset_id", "index_version"),)
+    id: int | None = Field(default=None, primary_key=True)
+    dataset_id: int = Field(foreign_key="datasets.id", ondelete="CASCADE")
+    index_version: int
+    cluster: int
+    label: str | None = Field(default=None, max_length=256)
+    size: int
+
+
 class Assignment(SQLModel, table=True):
     """Which cluster a sample belongs to in one index version, and its rank inside its group.
 

@@ -8,7 +8,7 @@ from sqlalchemy import create_engine, inspect
 from catalog.db import downgrade, head_revision, upgrade
 from catalog.settings import load_settings
 
-TABLES = {"datasets", "samples", "clusters", "assignments", "experts", "jobs", "queries"}
+TABLES = {"datasets", "samples", "clusters", "assignments", "groups", "experts", "jobs", "queries"}
 
 
 def roundtrip(settings) -> None:

@@ -1,0 +1,74 @@
+"""/v1/queries and /v1/search: weighted retrieval, manifests, similarity search."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query as Q, status
+from fastapi.responses import StreamingResponse
+
+from api.deps import CtxDep, LimitDep, OffsetDep, SessionDep
+from api.schemas import QueryBody, QueryPublic, SearchBody, SearchResult
+from catalog.errors import InvalidInputError, PluginError
+from catalog.retrieval import QueryRequest, get_query, iter_manifest, run_query
+from catalog.search import search
+
+router = APIRouter(tags=["queries"])
+
+
+@router.post("/v1/queries", status_code=status.HTTP_201_CREATED, response_model=QueryPublic)
+def create_query(body: QueryBody, ctx: CtxDep) -> QueryPublic:
+    """Turn expert scores and label priors into weights and sample a budget (see README: the weights)."""
+    query = run_query(ctx, QueryRequest(**body.model_dump()))
+    return QueryPublic.model_validate(query, from_attributes=True)
+
+
+@router.get("/v1/queries/{query_id}", response_model=QueryPublic)
+def show_query(query_id: str, session: SessionDep) -> QueryPublic:
+    return QueryPublic.model_validate(get_query(session=session, query_id=query_id), from_attributes=True)
+
+
+@router.get("/v1/queries/{query_id}/samples")
+def query_samples(query_id: str, session: SessionDep, ctx: CtxDep, offset: OffsetDep = 0, limit: LimitDep = 100) -> dict:
+    """A page of the selected samples (the manifest's rows)."""
+    query = get_query(session=session, query_id=query_id)
+    rows = [r.as_dict() for chunk in iter_manifest(ctx, query, offset=offset, limit=limit) for r in chunk]
+    return {"data": rows, "count": query.summary["unique_samples"]}
+
+
+@router.get(
+    "/v1/queries/{query_id}/manifest",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/csv": {}, "application/x-ndjson": {}, "application/vnd.apache.parquet": {}}}},
+)
+def query_manifest(
+    query_id: str,
+    session: SessionDep,
+    ctx: CtxDep,
+    format: Annotated[str, Q(description="csv, jsonl, parquet or another installed exporter.")] = "csv",
+) -> StreamingResponse:
+    """The manifest, streamed: columns key, uri, label, dataset, cluster, weight, count."""
+    try:
+        exporter = ctx.exporters.get(format)()
+    except PluginError as exc:
+        raise InvalidInputError(exc.message, field="format", hint=exc.hint) from exc
+    query = get_query(session=session, query_id=query_id)
+    chunks = iter_manifest(ctx, query)
+    first = next(chunks, [])  # fail before the response starts if the index version is gone
+
+    def rows():
+        yield [r.as_dict() for r in first]
+        for chunk in chunks:
+            yield [r.as_dict() for r in chunk]
+
+    return StreamingResponse(
+        exporter.stream(rows()),
+        media_type=exporter.media_type,
+        headers={"Content-Disposition": f'attachment; filename="manifest-{query.id}{exporter.suffix}"'},
+    )
+
+
+@router.post("/v1/search", response_model=SearchResult, tags=["search"])
+def similar_samples(body: SearchBody, ctx: CtxDep) -> SearchResult:
+    """k nearest source samples to each vector, optionally only in some datasets."""
+    return SearchResult.model_validate(search(ctx, vectors=body.vectors, k=body.k, datasets=body.datasets, backbone=body.backbone))

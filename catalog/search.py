@@ -1,0 +1,58 @@
+"""Similarity search by example: the k nearest source samples to given embeddings."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from sqlmodel import Session, select
+
+from catalog.context import CatalogContext
+from catalog.errors import InvalidInputError
+from catalog.models import Dataset, Sample
+
+
+def search(
+    ctx: CatalogContext, *, vectors: Sequence[Sequence[float]], k: int, datasets: Sequence[int] | None = None, backbone: str | None = None
+) -> dict[str, Any]:
+    with Session(ctx.engine) as session:
+        indexed = session.exec(select(Dataset).where(Dataset.index_version > 0)).all()
+        spaces = sorted({d.backbone for d in indexed if d.backbone})
+        if backbone is None:
+            pool = [d for d in indexed if datasets is None or d.id in datasets]
+            found = sorted({d.backbone for d in pool if d.backbone})
+            if not found:
+                raise InvalidInputError("no indexed dataset to search", field="datasets", hint="index a dataset first")
+            if len(found) > 1:
+                raise InvalidInputError(f"the datasets live in several embedding spaces: {found}", field="backbone", hint="name one backbone version")
+            backbone = found[0]
+        elif backbone not in spaces:
+            raise InvalidInputError(f"unknown backbone version {backbone!r}; known: {spaces}", field="backbone")
+        names = {d.id: d.name for d in indexed}
+        if datasets is not None:
+            unknown = sorted(set(datasets) - set(names))
+            if unknown:
+                raise InvalidInputError(f"unknown or unindexed dataset ids: {unknown}", field="datasets")
+    collection = "emb-" + backbone
+    matrix = np.asarray(vectors, dtype=np.float32)
+    if matrix.ndim != 2:
+        raise InvalidInputError("vectors must all have the same length", field="vectors")
+    results = []
+    with ctx.vectors.session(collection):
+        for vector in matrix:
+            results.append(ctx.vectors.search(collection, vector, k, dataset_ids=list(datasets) if datasets is not None else None))
+    ids = sorted({h.id for hits in results for h in hits})
+    with Session(ctx.engine) as session:
+        uris = dict(session.exec(select(Sample.id, Sample.uri).where(Sample.id.in_(ids))).all()) if ids else {}
+    return {
+        "backbone": backbone,
+        "results": [
+            [
+                {"sample_id": h.id, "score": h.score, "dataset_id": h.payload["dataset_id"], "dataset": names.get(h.payload["dataset_id"], ""),
+                 "label": h.payload.get("label"), "cluster": h.payload.get("cluster_id"), "uri": uris.get(h.id, "")}
+                for h in hits if h.id in uris
+            ]
+            for hits in results
+        ],
+    }

@@ -1,0 +1,94 @@
+"""Synthetic indexed catalogs: rows that look like an indexed dataset, without images or training.
+
+Used by the retrieval tests and benchmarks to build catalogs of any size quickly (the
+query path reads only groups, experts and, for manifests, assignments and samples).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy import insert
+
+from catalog.context import CatalogContext
+from catalog.db import session_scope
+from catalog.models import Assignment, Cluster, Dataset, DatasetStatus, Expert, ExpertKind, Group, Sample
+
+
+@dataclass
+class SyntheticDataset:
+    dataset_id: int
+    name: str
+    expert_ids: dict[int, int]            # cluster -> rotation expert id
+    group_sizes: dict[tuple[int, str], int]  # (cluster, label) -> size
+
+
+def add_indexed_dataset(
+    ctx: CatalogContext, name: str, *, clusters: int, labels: Sequence[str], sizes: np.ndarray | None = None,
+    samples_per_group: int = 10, with_samples: bool = True, chunk: int = 200_000,
+) -> SyntheticDataset:
+    """A dataset at index version 1 with ``clusters`` x ``labels`` groups; ``sizes`` (clusters, labels) overrides the sizes."""
+    if sizes is None:
+        sizes = np.full((clusters, len(labels)), samples_per_group, dtype=np.int64)
+    total = int(sizes.sum())
+    with session_scope(ctx.engine) as session:
+        dataset = Dataset(name=name, source="synthetic", uri=f"/synthetic/{name}", status=DatasetStatus.indexed,
+                          num_samples=total, num_labels=len(labels), labels=sorted(labels), index_version=1, backbone="synthetic")
+        session.add(dataset)
+        session.flush()
+        did = dataset.id
+        session.execute(insert(Cluster), [
+            {"dataset_id": did, "index_version": 1, "cluster": k, "size": int(sizes[k].sum())} for k in range(clusters)
+        ])
+        session.execute(insert(Group), [
+            {"dataset_id": did, "index_version": 1, "cluster": k, "label": lab, "size": int(sizes[k, j])}
+            for k in range(clusters) for j, lab in enumerate(labels) if sizes[k, j] > 0
+        ])
+        experts = {}
+        for k in range(clusters):
+            e = Expert(dataset_id=did, index_version=1, kind=ExpertKind.rotation, cluster=k, artifact=f"synthetic/{name}-{k}.onnx",
+                       sha256="0" * 64, input_size=64)
+            session.add(e)
+            session.flush()
+            experts[k] = e.id
+        session.add(Expert(dataset_id=did, index_version=1, kind=ExpertKind.classifier, cluster=None, artifact=f"synthetic/{name}-cls.onnx",
+                           sha256="0" * 64, input_size=64))
+    if with_samples:
+        _insert_samples(ctx, did, name, sizes, labels, chunk)
+    return SyntheticDataset(did, name, experts, {(k, lab): int(sizes[k, j]) for k in range(clusters) for j, lab in enumerate(labels)})
+
+
+def _insert_samples(ctx: CatalogContext, did: int, name: str, sizes: np.ndarray, labels: Sequence[str], chunk: int) -> None:
+    """Samples and their assignments, in chunks (millions of rows stay cheap)."""
+    position = 0
+    batch_s: list[dict] = []
+    batch_a: list[tuple[int, str, int]] = []
+
+    def flush() -> None:
+        nonlocal batch_s, batch_a
+        if not batch_s:
+            return
+        with session_scope(ctx.engine) as session:
+            first = position - len(batch_s)
+            session.execute(insert(Sample), batch_s)
+            from sqlmodel import select
+
+            ids = session.exec(select(Sample.id).where(Sample.dataset_id == did, Sample.position >= first).order_by(Sample.position)).all()
+            session.execute(insert(Assignment), [
+                {"sample_id": sid, "index_version": 1, "dataset_id": did, "cluster": c, "label": lab, "rank": r}
+                for sid, (c, lab, r) in zip(ids, batch_a)
+            ])
+        batch_s, batch_a = [], []
+
+    for k in range(sizes.shape[0]):
+        for j, lab in enumerate(labels):
+            for r in range(int(sizes[k, j])):
+                batch_s.append({"dataset_id": did, "position": position, "uri": f"/synthetic/{name}/{k}/{lab}/{r}.png", "label": lab,
+                                "width": 32, "height": 32, "byte_size": 100, "sha256": "0" * 64})
+                batch_a.append((k, lab, r))
+                position += 1
+                if len(batch_s) >= chunk:
+                    flush()
+    flush()

@@ -1,0 +1,45 @@
+"""``csv`` and ``jsonl`` manifests."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterable, Iterator
+
+from plugins.exporters.base import COLUMNS, Exporter, Row
+
+
+def _cell(value: object) -> object:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)  # shortest round-tripping form: stable, byte for byte
+    return value
+
+
+class CsvExporter(Exporter):
+    name = "csv"
+    media_type = "text/csv"
+    suffix = ".csv"
+
+    def stream(self, chunks: Iterable[list[Row]]) -> Iterator[bytes]:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(COLUMNS)
+        yield buf.getvalue().encode()
+        for rows in chunks:
+            buf.seek(0)
+            buf.truncate()
+            writer.writerows([_cell(row[c]) for c in COLUMNS] for row in rows)
+            yield buf.getvalue().encode()
+
+
+class JsonlExporter(Exporter):
+    name = "jsonl"
+    media_type = "application/x-ndjson"
+    suffix = ".jsonl"
+
+    def stream(self, chunks: Iterable[list[Row]]) -> Iterator[bytes]:
+        for rows in chunks:
+            yield "".join(json.dumps({c: row[c] for c in COLUMNS}, ensure_ascii=False) + "\n" for row in rows).encode()
