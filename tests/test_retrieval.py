@@ -242,3 +242,38 @@ def test_rest_queries_and_manifest_formats(settings, catalog):
         nan = api.post("/v1/queries", content=json.dumps(body).replace("0.6", "NaN"), headers={"content-type": "application/json"})
         assert nan.status_code == 422
         assert api.get("/v1/queries/nope").status_code == 404
+
+
+def test_manifest_dataset_and_sampler(tmp_path, ctx, data_root):
+    """Real images on disk -> manifest -> ManifestDataset + sampler, and the imagefolder tree."""
+    import torch
+    import torchvision
+    from torch.utils.data import DataLoader
+
+    from api.manifest_dataset import ManifestDataset
+    from plugins.exporters.imagefolder import build_tree
+    from tests.conftest import write_images
+
+    folder = write_images(data_root / "imgs", labels=("cat", "dog"), n=3)
+    rows = [
+        {"key": "d/1", "uri": str(folder / "cat" / "0.png"), "label": "cat", "dataset": "d", "cluster": 0, "weight": 0.5, "count": 3},
+        {"key": "d/2", "uri": str(folder / "dog" / "1.png"), "label": "dog", "dataset": "d", "cluster": 1, "weight": 0.25, "count": 1},
+        {"key": "d/3", "uri": str(folder / "dog" / "2.png"), "label": None, "dataset": "d", "cluster": 1, "weight": 0.25, "count": 2},
+    ]
+    for fmt in ("csv", "jsonl", "parquet"):
+        path = tmp_path / f"m.{fmt}"
+        path.write_bytes(b"".join(ctx.exporters.get(fmt)().stream([rows])))
+        ds = ManifestDataset(path, transform=torchvision.transforms.ToTensor())
+        loader = DataLoader(ds, batch_size=4, sampler=ds.sampler(generator=torch.Generator().manual_seed(0)))
+        seen = [t for _, targets in loader for t in targets.tolist()]
+        assert sorted(seen) == [-1, -1, 0, 0, 0, 1], fmt  # each row `count` times per epoch
+        image, target = ds[0]
+        assert image.shape == (3, 32, 32) and target == 0 and ds.classes == ["cat", "dog"]
+        assert len(list(ds.sampler(by="weight", num_samples=10))) == 10
+    tree = tmp_path / "tree"
+    assert build_tree(rows, tree) == 6
+    assert sorted(p.name for p in (tree / "cat").iterdir()) == ["d-1.png", "d-1__1.png", "d-1__2.png"]
+    folder_ds = torchvision.datasets.ImageFolder(tree)
+    assert len(folder_ds) == 6 and set(folder_ds.classes) == {"cat", "dog", "_unlabelled"}
+    with pytest.raises(InvalidInputError, match="not empty"):
+        build_tree(rows, tree)

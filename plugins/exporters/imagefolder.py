@@ -35,7 +35,7 @@ def build_tree(rows: Iterable[Row], dest: Path, *, copy: bool = False) -> int:
     made = 0
     for row in rows:
         src = Path(row["uri"])
-        folder = dest / _safe(row["label"] if row.get("label") else UNLABELLED)
+        folder = dest / (_safe(str(row["label"])) if row.get("label") else UNLABELLED)
         folder.mkdir(exist_ok=True)
         stem = _safe(str(row["key"]).replace("/", "-"))
         for i in range(int(row.get("count", 1))):
