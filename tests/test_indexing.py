@@ -258,3 +258,24 @@ def test_cli_index_and_experts_list(indexed, tmp_path):
     bad = runner.invoke(app, ["index", "noise", "--backbone", "clip"], env=env)
     assert bad.exit_code == 1 and "known: default, onnx, torchvision" in bad.stderr
     assert runner.invoke(app, ["experts", "list", "--kind", "bogus"], env=env).exit_code == 1
+
+
+def test_search_by_example(indexed):
+    from api.app import create_app
+
+    ctx, ids, _, settings = indexed
+    with Session(ctx.engine) as session:
+        ds = session.get(Dataset, ids["noise"])
+        sample_id = session.exec(select(Assignment.sample_id).where(Assignment.dataset_id == ds.id)).first()
+    vector = ctx.vectors.fetch_vectors("emb-" + ds.backbone, [sample_id])[0].tolist()
+    with TestClient(create_app(settings)) as api:
+        resp = api.post("/v1/search", json={"vectors": [vector], "k": 5})
+        assert resp.status_code == 200, resp.text
+        hits = resp.json()["results"][0]
+        assert hits[0]["score"] > 0.999 and hits[0]["dataset"] == "noise" and hits[0]["uri"].endswith(".png")
+        only = api.post("/v1/search", json={"vectors": [vector], "k": 5, "datasets": [ids["stripes"]]}).json()["results"][0]
+        assert only and all(h["dataset"] == "stripes" for h in only)
+        assert api.post("/v1/search", json={"vectors": [vector[:10]], "k": 5}).status_code == 422
+        assert api.post("/v1/search", json={"vectors": [vector], "backbone": "nope"}).json()["field"] == "backbone"
+        assert api.post("/v1/search", json={"vectors": [vector], "datasets": [999]}).json()["field"] == "datasets"
+        assert api.post("/v1/search", json={"vectors": []}).status_code == 422
