@@ -48,8 +48,13 @@ class ArtifactStore:
         return path
 
     @contextmanager
-    def writing(self, key: str) -> Iterator[Path]:
-        """Yield a temp path to write; on success it is renamed to ``key``, on error removed."""
+    def writing(self, key: str, *, durable: bool = True) -> Iterator[Path]:
+        """Yield a temp path to write; on success it is renamed to ``key``, on error removed.
+
+        ``durable`` fsyncs the file before the rename (models, backbones); small derived
+        files whose loss a crash may cost (query picks) skip it, like the embedded SQLite
+        catalog's own commits do (WAL with synchronous=NORMAL).
+        """
         target = self.path(key)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -60,8 +65,9 @@ class ArtifactStore:
         tmp = Path(tmp_name)
         try:
             yield tmp
-            with tmp.open("rb") as fh:
-                os.fsync(fh.fileno())
+            if durable:
+                with tmp.open("rb") as fh:
+                    os.fsync(fh.fileno())
             os.replace(tmp, target)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
@@ -70,8 +76,8 @@ class ArtifactStore:
             tmp.unlink(missing_ok=True)
             raise
 
-    def write_with(self, key: str, writer: Callable[[Path], None]) -> Path:
-        with self.writing(key) as tmp:
+    def write_with(self, key: str, writer: Callable[[Path], None], *, durable: bool = True) -> Path:
+        with self.writing(key, durable=durable) as tmp:
             writer(tmp)
         return self.path(key)
 

@@ -15,6 +15,7 @@ from sqlalchemy import Engine
 
 from catalog.artifacts import ArtifactStore
 from catalog.db import check_schema, create_db_engine
+from catalog.groups import GroupCache
 from catalog.settings import Settings
 from plugins.registry import Registry, backbone_registry, exporter_registry, source_registry
 
@@ -30,6 +31,7 @@ class CatalogContext:
         self.sources: Registry = source_registry()
         self.backbones: Registry = backbone_registry()
         self.exporters: Registry = exporter_registry()
+        self.groups = GroupCache()
         self._vectors: VectorStore | None = None
         self._vectors_lock = threading.Lock()
 

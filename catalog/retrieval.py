@@ -27,21 +27,22 @@ Same request + seed + index versions = the same picks, so the same manifest byte
 
 from __future__ import annotations
 
-import io
+import json
 import math
+import struct
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
-from sqlalchemy import and_, tuple_
+from sqlalchemy import Connection, and_, insert
 from sqlmodel import Session, select
 
 from catalog.context import CatalogContext
-from catalog.db import session_scope
-from catalog.errors import InvalidInputError, NotFoundError
-from catalog.models import Assignment, Dataset, DatasetStatus, Expert, ExpertKind, Group, Query, Sample, utcnow
+from catalog.errors import ConflictError, InvalidInputError, NotFoundError
+from catalog.models import Assignment, Dataset, Expert, ExpertKind, Group, Query, Sample
 
 DEFAULT_TEMPERATURE = 0.1
 PRIOR_TOLERANCE = 1e-3
@@ -139,145 +140,142 @@ def softmax(x: np.ndarray, temperature: float) -> np.ndarray:
     return e / e.sum()
 
 
-def build_groups(ctx: CatalogContext, session: Session, request: QueryRequest) -> tuple[GroupTable, dict[int, int], list[int]]:
-    """Resolve experts and datasets, read the G groups of the active index versions, compute masses.
+def build_groups(ctx: CatalogContext, conn: Connection, request: QueryRequest) -> tuple[GroupTable, dict[int, int], dict[int, str], list[int]]:
+    """Resolve experts and datasets, take the G groups of the active index versions, compute masses.
 
-    Returns the group table, the index version used per dataset, and the expert ids ignored
-    (classifiers: they have no cluster).
+    Returns the group table, the index version used per dataset, dataset names, and the
+    expert ids ignored (classifiers: they have no cluster).
     """
     temperature = request.temperature or DEFAULT_TEMPERATURE
-    experts: dict[int, Expert] = {}
+    experts: dict[int, tuple[int, str, int | None, int]] = {}
     if request.expert_scores:
         ids = list(request.expert_scores)
-        found = {e.id: e for e in session.exec(select(Expert).where(Expert.id.in_(ids))).all()}
-        unknown = [i for i in ids if i not in found]
+        rows = conn.execute(select(Expert.id, Expert.dataset_id, Expert.kind, Expert.cluster, Expert.index_version).where(Expert.id.in_(ids))).all()
+        experts = {r[0]: (r[1], r[2].value if hasattr(r[2], "value") else str(r[2]), r[3], r[4]) for r in rows}
+        unknown = [i for i in ids if i not in experts]
         if unknown:
             raise _field_error(f"unknown expert ids: {unknown[:10]}", "expert_scores", "GET /v1/experts lists the current experts; pull them again")
-        experts = found
-    dataset_ids = {e.dataset_id for e in experts.values()} | set((request.label_priors or {}).keys())
+    dataset_ids = {e[0] for e in experts.values()} | set((request.label_priors or {}).keys())
     if request.datasets is not None:
-        allowed = set(request.datasets)
-        dataset_ids &= allowed
+        dataset_ids &= set(request.datasets)
         if not dataset_ids:
             raise _field_error("no scored expert or label prior belongs to the datasets asked for", "datasets")
-    datasets = {d.id: d for d in session.exec(select(Dataset).where(Dataset.id.in_(dataset_ids))).all()}
-    missing = sorted(dataset_ids - set(datasets))
+    found = conn.execute(select(Dataset.id, Dataset.name, Dataset.index_version).where(Dataset.id.in_(dataset_ids))).all()
+    names = {r[0]: r[1] for r in found}
+    versions = {r[0]: r[2] for r in found}
+    missing = sorted(dataset_ids - set(names))
     if missing:
         raise _field_error(f"unknown dataset ids: {missing}", "label_priors" if request.label_priors else "datasets")
-    for did, dataset in datasets.items():
-        if dataset.index_version < 1:
-            raise _field_error(f"dataset {dataset.name!r} is not indexed yet", "datasets", f"run 'nds index {dataset.name}' first")
-    versions = {did: d.index_version for did, d in datasets.items()}
+    for did, version in versions.items():
+        if version < 1:
+            raise _field_error(f"dataset {names[did]!r} is not indexed yet", "datasets", f"run 'nds index {names[did]}' first")
     ignored: list[int] = []
     cluster_scores: dict[tuple[int, int], float] = {}
-    for eid, expert in experts.items():
-        if expert.dataset_id not in datasets:
+    for eid, (did, kind, cluster, version) in experts.items():
+        if did not in versions:
             continue  # filtered out by request.datasets
-        if expert.kind != ExpertKind.rotation:
+        if kind != ExpertKind.rotation.value:
             ignored.append(eid)
             continue
-        if expert.index_version != versions[expert.dataset_id]:
+        if version != versions[did]:
             raise _field_error(
-                f"expert {eid} belongs to index version {expert.index_version} of dataset {datasets[expert.dataset_id].name!r}, "
-                f"which is now at version {versions[expert.dataset_id]}",
+                f"expert {eid} belongs to index version {version} of dataset {names[did]!r}, which is now at version {versions[did]}",
                 f"expert_scores.{eid}",
                 "pull the experts again and re-score",
             )
-        cluster_scores[(expert.dataset_id, expert.cluster)] = float(request.expert_scores[eid])
+        cluster_scores[(did, cluster)] = float(request.expert_scores[eid])
     if request.expert_scores and not cluster_scores and not request.label_priors:
         raise _field_error("none of the scored experts is a rotation expert of the datasets asked for", "expert_scores")
 
-    rows = session.exec(
-        select(Group).where(tuple_(Group.dataset_id, Group.index_version).in_(list(versions.items()))).order_by(Group.id)
-    ).all() if versions else []
-    group_ds = np.array([g.dataset_id for g in rows], dtype=np.int64)
-    group_cl = np.array([g.cluster for g in rows], dtype=np.int64)
-    group_lab = [g.label for g in rows]
-    group_size = np.array([g.size for g in rows], dtype=np.int64)
-
-    # label priors: check labels exist, and compute P_t(y) / P_s(y) per group
-    ratio = np.ones(len(rows), dtype=np.float64)
+    order = sorted(versions)
+    per_dataset = {did: ctx.groups.get(conn, did, versions[did]) for did in order}
     for did, priors in (request.label_priors or {}).items():
-        if did not in datasets:
-            continue
-        in_ds = group_ds == did
-        totals: dict[str, int] = {}
-        for lab, n in zip((group_lab[i] for i in np.flatnonzero(in_ds)), group_size[in_ds]):
-            if lab is not None:
-                totals[lab] = totals.get(lab, 0) + int(n)
-        unknown_labels = sorted(set(priors) - set(totals))
-        if unknown_labels:
-            raise _field_error(f"dataset {datasets[did].name!r} has no labels {unknown_labels[:10]}", f"label_priors.{did}",
-                               f"its labels are: {', '.join(sorted(totals)[:20])}")
-        labelled = sum(totals.values())
-        for i in np.flatnonzero(in_ds):
-            lab = group_lab[i]
-            if lab is not None:
-                ratio[i] = float(priors.get(lab, 0.0)) / (totals[lab] / labelled)
-
-    # cluster probabilities
-    p_cluster = np.zeros(len(rows), dtype=np.float64)
+        if did in per_dataset:
+            unknown_labels = sorted(set(priors) - per_dataset[did].labels)
+            if unknown_labels:
+                raise _field_error(f"dataset {names[did]!r} has no labels {unknown_labels[:10]}", f"label_priors.{did}",
+                                   f"its labels are: {', '.join(sorted(per_dataset[did].labels)[:20])}")
+    probs: dict[tuple[int, int], float] = {}
     if cluster_scores:
         keys = sorted(cluster_scores)
-        probs = softmax(normalized_scores(np.array([cluster_scores[k] for k in keys])), temperature)
-        prob_of = dict(zip(keys, probs))
-        cluster_size: dict[tuple[int, int], int] = {}
-        for d, c, n in zip(group_ds.tolist(), group_cl.tolist(), group_size.tolist()):
-            cluster_size[(d, c)] = cluster_size.get((d, c), 0) + n
-        for i, (d, c) in enumerate(zip(group_ds.tolist(), group_cl.tolist())):
-            if (d, c) in prob_of:
-                p_cluster[i] = prob_of[(d, c)] / cluster_size[(d, c)]  # p_k / |k| per sample
-    else:  # priors alone: every dataset with priors gets the same mass
-        with_priors = [d for d in (request.label_priors or {}) if d in datasets]
-        for d in with_priors:
-            in_ds = group_ds == d
-            p_cluster[in_ds] = 1.0 / len(with_priors) / group_size[in_ds].sum()
-    mass = p_cluster * ratio * group_size
-    total = mass.sum()
+        probs = dict(zip(keys, softmax(normalized_scores(np.array([cluster_scores[k] for k in keys])), temperature).tolist()))
+    with_priors = [d for d in (request.label_priors or {}) if d in per_dataset]
+    parts_mass, parts_ds = [], []
+    for did in order:
+        g = per_dataset[did]
+        if cluster_scores:
+            p = np.zeros(int(g.cluster.max(initial=-1)) + 1)
+            for (d, c), prob in probs.items():
+                if d == did and c < len(p):
+                    p[c] = prob
+            w = p[g.cluster] / np.maximum(g.cluster_size, 1)       # p_k / |k| per sample
+        else:  # priors alone: every dataset with priors gets the same mass
+            w = np.full(len(g.size), (1.0 / len(with_priors) / max(int(g.size.sum()), 1)) if did in with_priors else 0.0)
+        priors = (request.label_priors or {}).get(did)
+        if priors is not None:
+            pt = np.array([priors.get(lab, 0.0) if lab is not None else np.nan for lab in g.label], dtype=np.float64)
+            ratio = np.where(np.isnan(g.label_share), 1.0, pt / np.where(np.isnan(g.label_share), 1.0, g.label_share))
+            w = w * ratio
+        parts_mass.append(w * g.size)
+        parts_ds.append(np.full(len(g.size), did, dtype=np.int64))
+    mass = np.concatenate(parts_mass) if parts_mass else np.zeros(0)
+    total = float(mass.sum())
     if total <= 0:
         raise _field_error("the scores and priors give no sample any weight", "label_priors" if request.label_priors else "expert_scores",
                            "check that the priors name labels the scored clusters contain")
-    table = GroupTable(dataset_id=group_ds, cluster=group_cl, label=group_lab, size=group_size, mass=mass / total)
-    return table, versions, sorted(ignored)
+    table = GroupTable(
+        dataset_id=np.concatenate(parts_ds),
+        cluster=np.concatenate([per_dataset[d].cluster for d in order]),
+        label=[lab for d in order for lab in per_dataset[d].label],
+        size=np.concatenate([per_dataset[d].size for d in order]),
+        mass=mass / total,
+    )
+    return table, versions, names, sorted(ignored)
 
 
 # --------------------------------------------------------------------------- sampling
 
 
 def sample_groups(table: GroupTable, budget: int, *, replacement: bool, seed: int) -> Picks:
-    """Draw the picks in O(G + B): group counts first, then ranks inside each group."""
+    """Draw the picks in O(G + B): group counts first, then ranks inside each group.
+
+    Picks come out sorted by (group, rank), each (group, rank) once with its count.
+    """
     rng = np.random.default_rng(seed)
     G = len(table.size)
     if replacement:
         counts = rng.multinomial(budget, table.mass)
-    else:
-        counts = np.zeros(G, dtype=np.int64)
-        capacity = np.where(table.mass > 0, table.size, 0)
-        remaining = int(min(budget, capacity.sum()))
-        while remaining > 0:
-            open_ = capacity - counts > 0
-            share = np.where(open_, table.mass, 0.0)
-            share = share / share.sum()
-            draw = rng.multinomial(remaining, share)
-            draw = np.minimum(draw, capacity - counts)  # a full group spills its surplus into the next round
-            counts += draw
-            remaining -= int(draw.sum())
-    groups, ranks, mult = [], [], []
+        group_of_draw = np.repeat(np.arange(G, dtype=np.int64), counts)
+        ranks = (rng.random(len(group_of_draw)) * table.size[group_of_draw]).astype(np.int64)
+        offsets = np.concatenate([[0], np.cumsum(table.size)[:-1]]).astype(np.int64)
+        keys = offsets[group_of_draw] + ranks
+        if len(keys) and keys[-1] < 2**31 and int(table.size.sum()) < 2**31:
+            keys = keys.astype(np.int32)  # half the bytes to sort
+        keys.sort()  # by group, then rank
+        starts = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]])) if len(keys) else np.zeros(0, np.int64)
+        mult = np.diff(np.concatenate([starts, [len(keys)]]))
+        keys = keys[starts].astype(np.int64)
+        group = np.searchsorted(offsets, keys, side="right") - 1
+        # groups are never empty, so offsets strictly increase and searchsorted finds each key's group
+        return Picks(group.astype(np.int64), (keys - offsets[group]).astype(np.int64), mult.astype(np.int64))
+    counts = np.zeros(G, dtype=np.int64)
+    capacity = np.where(table.mass > 0, table.size, 0)
+    remaining = int(min(budget, capacity.sum()))
+    while remaining > 0:
+        share = np.where(capacity - counts > 0, table.mass, 0.0)
+        draw = np.minimum(rng.multinomial(remaining, share / share.sum()), capacity - counts)  # a full group spills over
+        counts += draw
+        remaining -= int(draw.sum())
+    groups, ranks = [], []
     for g in np.flatnonzero(counts):
         n, size = int(counts[g]), int(table.size[g])
-        if replacement:
-            drawn = rng.integers(0, size, n)
-            uniq, cnt = np.unique(drawn, return_counts=True)
-        else:
-            uniq = np.sort(rng.choice(size, n, replace=False)) if n < size else np.arange(size)
-            cnt = np.ones(len(uniq), dtype=np.int64)
-        groups.append(np.full(len(uniq), g, dtype=np.int64))
-        ranks.append(uniq.astype(np.int64))
-        mult.append(cnt.astype(np.int64))
+        groups.append(np.full(n, g, dtype=np.int64))
+        ranks.append(np.sort(rng.choice(size, n, replace=False)) if n < size else np.arange(size, dtype=np.int64))
     if not groups:
         empty = np.zeros(0, dtype=np.int64)
         return Picks(empty, empty, empty)
-    return Picks(np.concatenate(groups), np.concatenate(ranks), np.concatenate(mult))
+    group = np.concatenate(groups)
+    return Picks(group, np.concatenate(ranks).astype(np.int64), np.ones(len(group), dtype=np.int64))
 
 
 # --------------------------------------------------------------------------- summary
@@ -299,33 +297,33 @@ def recommend_recipe(request: QueryRequest, best_score: float | None) -> dict[st
 
 
 def summarize(table: GroupTable, picks: Picks, request: QueryRequest, datasets: Mapping[int, str], ignored: list[int]) -> dict[str, Any]:
-    selected = np.zeros(len(table.size), dtype=np.int64)
-    np.add.at(selected, picks.group, picks.count)
-    unique = np.zeros(len(table.size), dtype=np.int64)
-    np.add.at(unique, picks.group, 1)
+    G = len(table.size)
+    selected = np.bincount(picks.group, weights=picks.count, minlength=G).astype(np.int64)
+    unique = np.bincount(picks.group, minlength=G).astype(np.int64)
+    # aggregate groups to (dataset, cluster) with one unique over their keys
+    keys = np.stack([table.dataset_id, table.cluster], axis=1)
+    cells, inverse = np.unique(keys, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    agg = {name: np.bincount(inverse, weights=values, minlength=len(cells))
+           for name, values in (("selected", selected), ("unique", unique), ("mass", table.mass), ("size", table.size))}
     per_dataset: dict[int, dict[str, Any]] = {}
-    for g in range(len(table.size)):
-        d, c = int(table.dataset_id[g]), int(table.cluster[g])
-        entry = per_dataset.setdefault(d, {"dataset_id": d, "dataset": datasets.get(d, str(d)), "selected": 0, "unique": 0, "mass": 0.0, "clusters": {}})
-        entry["selected"] += int(selected[g])
-        entry["unique"] += int(unique[g])
-        entry["mass"] += float(table.mass[g])
-        cl = entry["clusters"].setdefault(c, {"cluster": c, "selected": 0, "unique": 0, "mass": 0.0, "size": 0})
-        cl["selected"] += int(selected[g])
-        cl["unique"] += int(unique[g])
-        cl["mass"] += float(table.mass[g])
-        cl["size"] += int(table.size[g])
+    for i, (d, c) in enumerate(cells.tolist()):
+        entry = per_dataset.setdefault(d, {"dataset_id": d, "dataset": datasets.get(d, str(d)), "selected": 0, "unique": 0, "mass": 0.0, "clusters": []})
+        cell = {"cluster": c, "selected": int(agg["selected"][i]), "unique": int(agg["unique"][i]), "mass": round(float(agg["mass"][i]), 6), "size": int(agg["size"][i])}
+        entry["clusters"].append(cell)
+        entry["selected"] += cell["selected"]
+        entry["unique"] += cell["unique"]
+        entry["mass"] += float(agg["mass"][i])
     weighted = table.mass > 0
     ess = 1.0 / float(np.sum(table.mass[weighted] ** 2 / table.size[weighted])) if weighted.any() else 0.0
     with_weight = int(table.size[weighted].sum())
-    used = int(picks.count.sum())
     notes = []
     if not request.replacement and request.budget > with_weight:
         notes.append(f"budget capped at {with_weight}: only that many samples have weight and no sample repeats")
     best = max(request.expert_scores.values()) if request.expert_scores else None
     return {
         "budget": request.budget,
-        "selected": used,
+        "selected": int(picks.count.sum()),
         "unique_samples": int(len(picks.rank)),
         "samples_with_weight": with_weight,
         "effective_sample_size": round(ess, 2),
@@ -334,11 +332,7 @@ def summarize(table: GroupTable, picks: Picks, request: QueryRequest, datasets: 
         "seed": request.seed,
         "ignored_experts": ignored,
         "notes": notes,
-        "datasets": [
-            {**{k: v for k, v in e.items() if k != "clusters"}, "mass": round(e["mass"], 6),
-             "clusters": [{**cl, "mass": round(cl["mass"], 6)} for cl in sorted(e["clusters"].values(), key=lambda x: x["cluster"])]}
-            for e in sorted(per_dataset.values(), key=lambda x: -x["mass"])
-        ],
+        "datasets": [{**e, "mass": round(e["mass"], 6)} for e in sorted(per_dataset.values(), key=lambda x: -x["mass"])],
         "recommendation": recommend_recipe(request, best),
     }
 
@@ -349,21 +343,20 @@ def summarize(table: GroupTable, picks: Picks, request: QueryRequest, datasets: 
 def run_query(ctx: CatalogContext, request: QueryRequest) -> Query:
     """Validate, weigh, sample, store the picks and the query; nothing is stored on bad input."""
     validate_request(request, max_budget=ctx.settings.max_budget)
-    with Session(ctx.engine) as session:
-        table, versions, ignored = build_groups(ctx, session, request)
-        names = {d.id: d.name for d in session.exec(select(Dataset).where(Dataset.id.in_(list(versions)))).all()}
+    with ctx.engine.connect() as conn:
+        table, versions, names, ignored = build_groups(ctx, conn, request)
     picks = sample_groups(table, request.budget, replacement=request.replacement, seed=request.seed)
     summary = summarize(table, picks, request, names, ignored)
-    query_id = str(uuid.uuid4())
-    save_picks(ctx, query_id, table, picks)
     query = Query(
-        id=query_id,
+        id=str(uuid.uuid4()),
         request=_request_json(request),
         index_versions={str(k): v for k, v in sorted(versions.items())},
         summary=summary,
     )
-    with session_scope(ctx.engine) as session:
-        session.add(query)
+    save_picks(ctx, query.id, table, picks)
+    with ctx.engine.begin() as conn:
+        conn.execute(insert(Query).values(id=query.id, request=query.request, index_versions=query.index_versions,
+                                          summary=query.summary, created_at=query.created_at))
     return query
 
 
@@ -375,24 +368,47 @@ def _request_json(request: QueryRequest) -> dict[str, Any]:
     return data
 
 
+# Picks file: 8-byte little-endian header length, a JSON header (the group table), then
+# the picks as raw little-endian int64 rows (group, rank, count). No pickle; readable in
+# slices, so exporting a manifest of any size needs bounded memory.
+_ROW = 3
+
+
 def save_picks(ctx: CatalogContext, query_id: str, table: GroupTable, picks: Picks) -> None:
-    labels = np.array(["" if lab is None else lab for lab in table.label], dtype=object)
-    has_label = np.array([lab is not None for lab in table.label], dtype=bool)
-    buf = io.BytesIO()
-    np.savez_compressed(
-        buf,
-        dataset_id=table.dataset_id, cluster=table.cluster, size=table.size, mass=table.mass,
-        label=np.array(labels.tolist(), dtype=np.str_) if len(labels) else np.zeros(0, dtype=np.str_), has_label=has_label,
-        group=picks.group, rank=picks.rank, count=picks.count,
-    )
-    ctx.artifacts.write_bytes(f"{PICKS_PREFIX}/{query_id}.npz", buf.getvalue())
+    header = json.dumps({
+        "format": 1,
+        "groups": {"dataset_id": table.dataset_id.tolist(), "cluster": table.cluster.tolist(), "label": list(table.label),
+                   "size": table.size.tolist(), "mass": table.mass.tolist()},
+        "rows": int(len(picks.rank)),
+    }).encode()
+    body = np.stack([picks.group, picks.rank, picks.count], axis=1).astype("<i8", copy=False)
+
+    def write(path) -> None:  # noqa: ANN001 - Path
+        with open(path, "wb") as fh:
+            fh.write(struct.pack("<Q", len(header)))
+            fh.write(header)
+            body.tofile(fh)
+
+    ctx.artifacts.write_with(f"{PICKS_PREFIX}/{query_id}.picks", write, durable=False)
 
 
-def load_picks(ctx: CatalogContext, query_id: str) -> tuple[GroupTable, Picks]:
-    with np.load(ctx.artifacts.open_path(f"{PICKS_PREFIX}/{query_id}.npz"), allow_pickle=False) as z:
-        labels = [str(lab) if has else None for lab, has in zip(z["label"].tolist(), z["has_label"].tolist())]
-        table = GroupTable(z["dataset_id"], z["cluster"], labels, z["size"], z["mass"])
-        return table, Picks(z["group"], z["rank"], z["count"])
+@contextmanager
+def open_picks(ctx: CatalogContext, query_id: str) -> Iterator[tuple[GroupTable, int, Callable[[int, int], Picks]]]:
+    """The group table, the number of picks, and a reader of picks[start:stop]."""
+    with ctx.artifacts.open_path(f"{PICKS_PREFIX}/{query_id}.picks").open("rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(length))
+        base = 8 + length
+        g = header["groups"]
+        table = GroupTable(np.array(g["dataset_id"], dtype=np.int64), np.array(g["cluster"], dtype=np.int64), g["label"],
+                           np.array(g["size"], dtype=np.int64), np.array(g["mass"], dtype=np.float64))
+
+        def read(start: int, stop: int) -> Picks:
+            fh.seek(base + start * _ROW * 8)
+            rows = np.fromfile(fh, dtype="<i8", count=(stop - start) * _ROW).reshape(-1, _ROW)
+            return Picks(rows[:, 0], rows[:, 1], rows[:, 2])
+
+        yield table, int(header["rows"]), read
 
 
 def get_query(*, session: Session, query_id: str) -> Query:
@@ -405,8 +421,10 @@ def get_query(*, session: Session, query_id: str) -> Query:
 # --------------------------------------------------------------------------- resolving picks to samples
 
 
-@dataclass(frozen=True)
-class ManifestRow:
+MANIFEST_COLUMNS = ("key", "uri", "label", "dataset", "cluster", "weight", "count")
+
+
+class ManifestRow(NamedTuple):
     key: str
     uri: str
     label: str | None
@@ -416,59 +434,51 @@ class ManifestRow:
     count: int
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-MANIFEST_COLUMNS = ("key", "uri", "label", "dataset", "cluster", "weight", "count")
+        return dict(zip(MANIFEST_COLUMNS, self))
 
 
 def iter_manifest(ctx: CatalogContext, query: Query, *, offset: int = 0, limit: int | None = None, chunk: int = 2000) -> Iterator[list[ManifestRow]]:
     """The query's picks as manifest rows, in a fixed order (group, then rank), chunk by chunk.
 
-    Memory stays bounded by ``chunk`` whatever the number of rows.
+    Reads ``chunk`` picks at a time from the picks file and resolves them with one indexed
+    lookup per group in the chunk; memory stays bounded whatever the number of rows.
     """
-    table, picks = load_picks(ctx, query.id)
     versions = {int(k): int(v) for k, v in query.index_versions.items()}
-    weights = table.weight
-    stop = len(picks.rank) if limit is None else min(len(picks.rank), offset + limit)
-    with Session(ctx.engine) as session:
+    with open_picks(ctx, query.id) as (table, total, read), Session(ctx.engine) as session:
         names = {d.id: d.name for d in session.exec(select(Dataset).where(Dataset.id.in_(list(versions)))).all()}
         _check_versions_exist(session, versions, names)
-        start = offset
-        while start < stop:
-            end = min(start + chunk, stop)
+        weights = table.weight
+        stop = total if limit is None else min(total, offset + limit)
+        for start in range(offset, stop, chunk):
+            picks = read(start, min(start + chunk, stop))
             rows: list[ManifestRow] = []
-            sel = slice(start, end)
-            g_sel, r_sel, c_sel = picks.group[sel], picks.rank[sel], picks.count[sel]
-            for g in np.unique(g_sel):  # picks are sorted by group, so this is a few groups per chunk
-                mask = g_sel == g
-                ranks = r_sel[mask].tolist()
-                counts = dict(zip(ranks, c_sel[mask].tolist()))
+            bounds = np.flatnonzero(np.diff(picks.group)) + 1  # picks are sorted by group
+            for lo, hi in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(picks.group)]])):
+                g = int(picks.group[lo])
+                ranks = picks.rank[lo:hi].tolist()
+                counts = dict(zip(ranks, picks.count[lo:hi].tolist()))
                 d, c, lab = int(table.dataset_id[g]), int(table.cluster[g]), table.label[g]
                 label_cond = Assignment.label.is_(None) if lab is None else Assignment.label == lab
                 found = session.exec(
                     select(Assignment.rank, Sample.id, Sample.uri, Sample.label)
                     .join(Sample, Sample.id == Assignment.sample_id)
                     .where(and_(Assignment.dataset_id == d, Assignment.index_version == versions[d], Assignment.cluster == c, label_cond,
-                                Assignment.rank.in_(ranks)))
+                                Assignment.rank.between(ranks[0], ranks[-1]) if len(ranks) > 64 and ranks[-1] - ranks[0] < 4 * len(ranks)
+                                else Assignment.rank.in_(ranks)))
                     .order_by(Assignment.rank)
                 ).all()
-                for rank, sid, uri, slabel in found:
-                    rows.append(ManifestRow(f"{names[d]}/{sid}", uri, slabel, names[d], c, float(weights[g]), int(counts[rank])))
+                name, weight = names[d], float(weights[g])
+                rows.extend(
+                    ManifestRow(f"{name}/{sid}", uri, slabel, name, c, weight, counts[rank])
+                    for rank, sid, uri, slabel in found if rank in counts
+                )
             yield rows
-            start = end
 
 
 def _check_versions_exist(session: Session, versions: dict[int, int], names: dict[int, str]) -> None:
-    from catalog.errors import ConflictError
-
     for did, version in versions.items():
         if did not in names:
             raise ConflictError(f"dataset {did} of this query was deleted", hint="run the query again")
         present = session.exec(select(Group.id).where(Group.dataset_id == did, Group.index_version == version).limit(1)).first()
         if present is None:
             raise ConflictError(f"index version {version} of dataset {names[did]!r} is gone (re-indexed twice since)", hint="run the query again")
-
-
-def active_datasets(session: Session) -> list[Dataset]:
-    return list(session.exec(select(Dataset).where(Dataset.status == DatasetStatus.indexed)).all())
