@@ -278,6 +278,7 @@ def index(
     epochs: Annotated[int, typer.Option(help="Training epochs per expert.")] = 8,
     width: Annotated[int, typer.Option(help="Channels of the experts' first stage.")] = 16,
     seed: Annotated[int, typer.Option(help="Seed for k-means and training.")] = 0,
+    min_steps: Annotated[int, typer.Option(help="Optimizer steps per network at least: small clusters train more epochs.")] = 150,
     wait: Annotated[bool, typer.Option("--wait", help="Server mode: follow the job until it ends (the embedded default always does).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the job result as JSON.")] = False,
 ) -> None:
@@ -288,7 +289,7 @@ def index(
     from catalog.indexing import IndexRequest, start_indexing
 
     request = IndexRequest(clusters=clusters, partition=partition, backbone=backbone, weights=weights,
-                           image_size=image_size, epochs=epochs, width=width, seed=seed)
+                           image_size=image_size, epochs=epochs, width=width, seed=seed, min_steps=min_steps)
     with open_ctx() as ctx:
         with Session(ctx.engine) as session:
             dataset_id = find_dataset(session=session, ref=name).id
@@ -523,6 +524,15 @@ def worker(
         "--loglevel", loglevel, "--without-gossip", "--without-mingle",
     ]
     os.execv(sys.executable, argv)
+
+
+def _register_client_commands() -> None:
+    from api.cli_client import register
+
+    register(app)
+
+
+_register_client_commands()
 
 
 def main() -> None:

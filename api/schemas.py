@@ -43,6 +43,7 @@ class IndexBody(BaseModel):
     epochs: int = Field(default=8, ge=1, le=1000, description="Training epochs per expert.")
     width: int = Field(default=16, ge=4, le=128, description="Channels of the experts' first stage.")
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    min_steps: int = Field(default=150, ge=0, le=100_000, description="Optimizer steps per network at least (small clusters train more epochs).")
 
 
 class QueryBody(BaseModel):

@@ -50,6 +50,7 @@ EXPERT_MEAN, EXPERT_STD = IMAGENET_MEAN, IMAGENET_STD
 FORMAT_VERSION = 1
 
 
+
 @dataclass(frozen=True)
 class IndexRequest:
     clusters: int = 8
@@ -60,6 +61,8 @@ class IndexRequest:
     epochs: int = 8
     width: int = 16
     seed: int = 0
+    min_steps: int = 150  # optimizer steps per network at least: small clusters get more epochs
+
 
     def validate(self) -> None:
         if not isinstance(self.clusters, int) or self.clusters < 1:
@@ -70,6 +73,8 @@ class IndexRequest:
             raise InvalidInputError(f"image_size must be between 16 and 512 pixels, got {self.image_size}", field="image_size")
         if not 1 <= self.epochs <= 1000:
             raise InvalidInputError(f"epochs must be between 1 and 1000, got {self.epochs}", field="epochs")
+        if not 0 <= self.min_steps <= 100_000:
+            raise InvalidInputError(f"min_steps must be between 0 and 100000, got {self.min_steps}", field="min_steps")
         if not 4 <= self.width <= 128:
             raise InvalidInputError(f"width must be between 4 and 128, got {self.width}", field="width")
 
@@ -356,6 +361,20 @@ def _content_key(*parts: Any) -> str:
     return digest.hexdigest()
 
 
+def epochs_for(num_images: int, request: IndexRequest) -> int:
+    """``request.epochs``, raised so that a network sees at least ``request.min_steps`` optimizer steps.
+
+    A cluster of 100 images makes 2 steps an epoch at batch 64: a handful of epochs leaves
+    its expert at chance, so small clusters train for more epochs (capped at 1000).
+    """
+    from catalog.training import TrainConfig
+
+    defaults = TrainConfig()
+    train_images = max(1, round(num_images * (1 - defaults.holdout_fraction)))
+    steps_per_epoch = max(1, -(-train_images // defaults.batch_size))
+    return int(min(1000, max(request.epochs, -(-request.min_steps // steps_per_epoch))))
+
+
 def train_and_export(
     ctx: CatalogContext, *, kind: ExpertKind, dataset_id: int, dataset_name: str, cluster: int | None,
     images: np.ndarray, labels: list[str] | None, hashes: list[str], request: IndexRequest, backbone: Backbone,
@@ -370,7 +389,7 @@ def train_and_export(
 
     num_outputs = 4 if kind == ExpertKind.rotation else len(label_names or [])
     net = NetConfig(width=request.width, blocks=(1, 1, 1), feature_dim=128, num_outputs=num_outputs, input_size=request.image_size)
-    train = TrainConfig(epochs=request.epochs, seed=request.seed)
+    train = TrainConfig(epochs=epochs_for(len(images), request), seed=request.seed)
     key_hash = _content_key(FORMAT_VERSION, kind.value, sorted(hashes), labels, net.to_dict(), train.to_dict(), EXPERT_MEAN, EXPERT_STD)
     key = f"experts/{dataset_id}/{kind.value}-{key_hash[:24]}.onnx"
     path = ctx.artifacts.path(key)

@@ -23,7 +23,7 @@ from catalog.registration import RegistrationRequest, start_registration
 from catalog.settings import load_settings
 from tests.conftest import write_images
 
-SMALL = dict(image_size=32, epochs=1, width=8)
+SMALL = dict(image_size=32, epochs=1, width=8, min_steps=10)
 
 
 def register(ctx, name: str, folder: Path) -> int:
@@ -248,7 +248,7 @@ def test_cli_index_and_experts_list(indexed, tmp_path):
     _, ids, _, settings = indexed
     env = {"NDS_HOME": str(settings.home), "NDS_DATA_ROOTS": str(settings.data_roots[0]), "NDS_DATABASE_URL": "", "NDS_BROKER_URL": "", "COLUMNS": "200"}
     runner = CliRunner()
-    result = runner.invoke(app, ["index", "noise", "--clusters", "2", "--epochs", "1", "--image-size", "32", "--width", "8"], env=env)
+    result = runner.invoke(app, ["index", "noise", "--clusters", "2", "--epochs", "1", "--image-size", "32", "--width", "8", "--min-steps", "10"], env=env)
     assert result.exit_code == 0, result.output
     assert "held-out rotation" in result.output and "label classifier" in result.output
     listed = json.loads(runner.invoke(app, ["experts", "list", "--json"], env=env).stdout)

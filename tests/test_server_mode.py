@@ -85,7 +85,7 @@ def test_index_on_the_worker_survives_a_killed_worker(server_settings, worker):
         created = api.post("/v1/datasets", json={"name": "killme", "path": str(folder)})
         assert wait_job(api, created.json()["job_id"])["status"] == "succeeded"
         did = created.json()["id"]
-        resp = api.post(f"/v1/datasets/{did}/index", json={"clusters": 3, "epochs": 6, "image_size": 32, "width": 8})
+        resp = api.post(f"/v1/datasets/{did}/index", json={"clusters": 3, "epochs": 6, "image_size": 32, "width": 8, "min_steps": 60})
         assert resp.status_code == 202, resp.text
         job_id = resp.json()["id"]
         deadline = time.monotonic() + 240
