@@ -13,18 +13,16 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from catalog.errors import NDSError
+from api.console import err, fail, handles_errors, out
 from catalog.settings import Settings, load_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False, help="Neural Data Server: find the source data worth pre-training on.")
@@ -39,28 +37,6 @@ app.add_typer(jobs_app, name="jobs")
 app.add_typer(plugins_app, name="plugins")
 app.add_typer(experts_app, name="experts")
 
-out = Console()
-err = Console(stderr=True)
-
-
-def fail(message: str, hint: str | None = None, code: int = 1) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    if hint:
-        err.print(f"[yellow]hint:[/] {hint}", highlight=False)
-    return typer.Exit(code)
-
-
-def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn the project's errors into a message on stderr and exit status 1."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except NDSError as exc:
-            raise fail(exc.message, exc.hint) from None
-
-    return wrapper
 
 
 def settings() -> Settings:

@@ -16,42 +16,17 @@ starts fast and this module never imports ``api.cli`` (no import cycle).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from catalog.errors import NDSError
+from api.console import err, handles_errors, out
 
-out = Console()
-err = Console(stderr=True)
 
 STAGES = {"download": "downloading experts", "preprocess": "preprocessing images", "score": "scoring experts", "priors": "label priors"}
-
-
-def fail(message: str, hint: str | None = None, code: int = 1) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    if hint:
-        err.print(f"[yellow]hint:[/] {hint}", highlight=False)
-    return typer.Exit(code)
-
-
-def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """The project's errors (the client's included) become a message on stderr and exit status 1."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except NDSError as exc:
-            raise fail(exc.message, exc.hint) from None
-
-    return wrapper
 
 
 class _Bars:

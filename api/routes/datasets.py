@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fastapi import APIRouter, Response, status
 
 from api.deps import CtxDep, DispatcherDep, LimitDep, OffsetDep, SessionDep
@@ -9,25 +11,31 @@ from api.schemas import DatasetRegister, DatasetRegistered, IndexBody
 from catalog.indexing import IndexRequest, restore_status, start_indexing
 from catalog import datasets as repo
 from catalog.db import session_scope
-from catalog.models import ClusterPublic, Dataset, DatasetPublic, JobPublic, DatasetsPublic, JobStatus, SamplePublic, SamplesPublic
+from catalog.models import ClusterPublic, Dataset, DatasetPublic, Job, JobPublic, DatasetsPublic, JobStatus, SamplePublic, SamplesPublic
 from catalog.registration import RegistrationRequest, remove_partial_dataset, start_registration
-from catalog.jobs import get_job
+from catalog.context import CatalogContext
+from catalog.jobs import Dispatcher, get_job
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetRegistered)
-def register_dataset(body: DatasetRegister, ctx: CtxDep, dispatcher: DispatcherDep) -> DatasetRegistered:
-    """Register a source dataset; the scan runs as a job whose id is in the answer."""
-    dataset, job = start_registration(ctx, RegistrationRequest(**body.model_dump()))
+def submit_or_undo(ctx: CatalogContext, dispatcher: Dispatcher, job: Job, *, undo: Callable[[], None]) -> None:
+    """Hand the job to the dispatcher; if that fails (broker down), fail the job and undo its side effects."""
     try:
         dispatcher.submit(job)
     except Exception:
         with session_scope(ctx.engine) as session:
             stored = get_job(session, job.id)
             stored.status, stored.error = JobStatus.failed, "the job could not be queued"
-        remove_partial_dataset(ctx, dataset.id)
+        undo()
         raise
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetRegistered)
+def register_dataset(body: DatasetRegister, ctx: CtxDep, dispatcher: DispatcherDep) -> DatasetRegistered:
+    """Register a source dataset; the scan runs as a job whose id is in the answer."""
+    dataset, job = start_registration(ctx, RegistrationRequest(**body.model_dump()))
+    submit_or_undo(ctx, dispatcher, job, undo=lambda: remove_partial_dataset(ctx, dataset.id))
     with session_scope(ctx.engine) as session:
         current = session.get(Dataset, dataset.id) or dataset  # the job may already have finished
         return DatasetRegistered(**DatasetPublic.model_validate(current).model_dump(), job_id=job.id)
@@ -54,14 +62,7 @@ def list_samples(dataset_id: int, session: SessionDep, offset: OffsetDep = 0, li
 def index_dataset(dataset_id: int, body: IndexBody, ctx: CtxDep, dispatcher: DispatcherDep) -> JobPublic:
     """Embed, cluster, train one rotation expert per cluster and a label classifier, export to ONNX."""
     job = start_indexing(ctx, dataset_id, IndexRequest(**body.model_dump()))
-    try:
-        dispatcher.submit(job)
-    except Exception:
-        with session_scope(ctx.engine) as session:
-            stored = get_job(session, job.id)
-            stored.status, stored.error = JobStatus.failed, "the job could not be queued"
-        restore_status(ctx, dataset_id)
-        raise
+    submit_or_undo(ctx, dispatcher, job, undo=lambda: restore_status(ctx, dataset_id))
     with session_scope(ctx.engine) as session:
         return JobPublic.model_validate(get_job(session, job.id))
 
