@@ -13,9 +13,9 @@ method is re-implemented here.
    registered as its own source dataset with its labels (``nds datasets add``) and indexed
    (``nds index NAME --clusters 4 --image-size 32``: default backbone, k-means, one rotation
    expert per cluster, a label classifier).
-2. **targets**: for digits, glyphs and textures, 400 held-out images
+2. **targets**: for digits, glyphs, textures and photos, 400 held-out images
    (:func:`catalog.sample_domains.build_target`: disjoint MNIST indices, disjoint fonts, the
-   unseen 30% of each texture picture), split once, stratified: 100 train, 300 test. The
+   unseen 30% of each texture and photo), split once, stratified: 100 train, 300 test. The
    target is never registered; only its train split is shown to the client.
 3. **selection**: per target the SDK scores every rotation expert on the train split
    (``rotation``: no labels; ``linear-probe``: the train labels) and estimates label priors
@@ -92,7 +92,7 @@ LABELS = {
 class Config:
     domains: tuple[str, ...] = ("digits", "textures", "photos", "glyphs", "faces")
     per_domain: int = 600
-    targets: tuple[str, ...] = ("digits", "glyphs", "textures")
+    targets: tuple[str, ...] = ("digits", "glyphs", "textures", "photos")
     target_size: int = 400  # held-out images per target
     train_per_target: int = 100  # of which the train split (stratified); the rest is the test split
     budgets: tuple[float, ...] = (0.10, 0.25)  # fractions of the pool
