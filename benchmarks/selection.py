@@ -65,7 +65,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +120,7 @@ class Config:
     target_seed: int = 1
     split_seed: int = 0
     work: str | None = None  # keep the working folder here (default: a temp folder, removed)
+    resume: bool = False  # go on from what an interrupted run saved in ``work``
 
     def budget_sizes(self) -> list[int]:
         pool = self.per_domain * len(self.domains)
@@ -392,17 +393,105 @@ class Transfer:
 # --------------------------------------------------------------------------- the benchmark
 
 
-def run(config: Config, *, echo: Callable[[str], None] | None = print) -> dict[str, Any]:
-    """Build the data, drive the product, select, (optionally) train; returns the results dict."""
+def _select(config: Config, work: Path, budgets: list[int], echo: Callable[[str], None] | None) -> dict[str, Any]:
+    """Stages 1-3: build the images, register and index them with the CLI, then (as a client,
+    against ``nds serve``) score, estimate priors, query and fetch every manifest."""
     from api.client import NDSClient
     from api.manifest_dataset import read_manifest
     from catalog.sample_domains import build_pool, build_target
 
-    started = time.perf_counter()
     timings: dict[str, float] = {}
+    pool_size = config.per_domain * len(config.domains)
+
+    # ---- 1. data: the pool and the held-out targets, from packaged images
+    t = time.perf_counter()
+    pool_dirs = build_pool(work / "sources", per_domain=config.per_domain, size=config.image_size,
+                           seed=config.pool_seed, domains=config.domains)
+    target_dirs = {d: build_target(work / "targets", d, n=config.target_size, size=config.image_size, seed=config.target_seed)
+                   for d in config.targets}
+    timings["build images"] = time.perf_counter() - t
+    _say(echo, f"pool: {len(config.domains)} domains x {config.per_domain} images = {pool_size}; "
+               f"targets: {', '.join(config.targets)} ({config.target_size} each, {config.train_per_target} train); work: {work}")
+
+    # ---- 2. the product: register and index every domain with the CLI
+    env = _env(work, config.threads)
+    cli = Cli(env, work, work / "nds.log")
+    t = time.perf_counter()
+    cli("db", "upgrade")
+    for name, folder in pool_dirs.items():
+        cli("datasets", "add", name, str(folder), "--source", "imagefolder", "--description", f"sample domain {name}")
+    timings["register (nds datasets add)"] = time.perf_counter() - t
+    index: dict[str, dict] = {}
+    t = time.perf_counter()
+    for name in pool_dirs:
+        t1 = time.perf_counter()
+        out = cli("index", name, "--clusters", str(config.clusters), "--epochs", str(config.index_epochs),
+                  "--image-size", str(config.image_size), "--width", str(config.width), "--json")
+        index[name] = json.loads(out[out.index("{"):])
+        accs = ", ".join(f"{c['heldout_accuracy']:.2f}" for c in index[name]["clusters"])
+        _say(echo, f"  indexed {name} in {time.perf_counter() - t1:.0f} s: experts' held-out rotation accuracy {accs}")
+    timings["index (nds index)"] = time.perf_counter() - t
+
+    # ---- 3. the client: score, priors, query, manifest (the target's train split only)
+    selections: dict[str, dict] = {}
+    scoring: dict[str, dict] = {}
+    t = time.perf_counter()
+    with serve(env, work, work / "serve.log") as url, NDSClient(url, cache_dir=work / "cache", timeout=300) as client:
+        experts = client.pull_experts()
+        for tname, folder in target_dirs.items():
+            paths, _, labels = _folder_images(folder, config.image_size)
+            train, _ = stratified_split(labels, config.train_per_target, config.split_seed)
+            train_paths = [paths[i] for i in train]
+            train_labels = [str(labels[i]) for i in train]
+            rot = client.score(train_paths, method="rotation", experts=experts)
+            lp = client.score(train_paths, labels=train_labels, method="linear-probe", experts=experts)
+            priors = client.label_priors(train_paths, experts=experts)
+            scoring[tname] = {
+                "rotation": [{"dataset": e["dataset"], "cluster": e["cluster"], "score": round(e["score"], 4),
+                              "heldout": e["heldout_accuracy"]} for e in rot.ranked()],
+                "linear-probe": [{"dataset": e["dataset"], "cluster": e["cluster"], "score": round(e["score"], 4)}
+                                 for e in lp.ranked()],
+            }
+            best_rot, best_lp = rot.ranked()[0], lp.ranked()[0]
+            _say(echo, f"target {tname}: best rotation expert {best_rot['dataset']}/{best_rot['cluster']} "
+                       f"({best_rot['score']:.3f}); best linear-probe expert {best_lp['dataset']}/{best_lp['cluster']} ({best_lp['score']:.3f})")
+            for method in config.methods:
+                base = rot if method.startswith("rotation") else lp
+                use_priors = priors if method.endswith("+priors") else None
+                for budget in budgets:
+                    for seed in config.seeds:
+                        query = client.query(base, budget=budget, label_priors=use_priors, seed=seed)
+                        path = work / "manifests" / f"{tname}-{method}-{budget}-{seed}.csv"
+                        client.manifest(query["id"], path)
+                        rows = read_manifest(path)
+                        selections[_key(tname, budget, method, seed)] = {
+                            "uris": [os.path.realpath(r["uri"]) for r in rows],
+                            "counts": [int(r["count"]) for r in rows],
+                            "datasets": [r["dataset"] for r in rows],
+                        }
+    timings["select (score, priors, query, manifest)"] = time.perf_counter() - t
+    return {"index": index, "scoring": scoring, "selections": selections, "timings": timings}
+
+
+def _key(target: str, budget: int, method: str, seed: int) -> str:
+    return f"{target}|{budget}|{method}|{seed}"
+
+
+STAGE_FILE = "selection-stage.json"  # under --work: stages 1-3, for --resume
+RUNS_FILE = "transfer-runs.jsonl"  # under --work: one finished transfer run a line, for --resume
+
+
+def run(config: Config, *, echo: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """Build the data, drive the product, select, (optionally) train; returns the results dict.
+
+    With ``config.work`` and ``config.resume``, a run that was interrupted goes on from what it
+    saved there: the selections (stages 1-3) and every finished transfer run."""
+    started = time.perf_counter()
     for t in config.targets:
         if t not in config.domains:
             raise ValueError(f"target {t!r} is not a pool domain ({', '.join(config.domains)})")
+    if config.resume and not config.work:
+        raise ValueError("resume needs a work folder (--work DIR) kept from the interrupted run")
     budgets = config.budget_sizes()
     pool_size = config.per_domain * len(config.domains)
 
@@ -412,77 +501,28 @@ def run(config: Config, *, echo: Callable[[str], None] | None = print) -> dict[s
             work.mkdir(parents=True, exist_ok=True)
         else:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nds-selection-"))).resolve()
-        log = work / "nds.log"
-
-        # ---- 1. data: the pool and the held-out targets, from packaged images
-        t = time.perf_counter()
-        pool_dirs = build_pool(work / "sources", per_domain=config.per_domain, size=config.image_size,
-                               seed=config.pool_seed, domains=config.domains)
-        target_dirs = {d: build_target(work / "targets", d, n=config.target_size, size=config.image_size, seed=config.target_seed)
-                       for d in config.targets}
-        timings["build images"] = time.perf_counter() - t
-        _say(echo, f"pool: {len(config.domains)} domains x {config.per_domain} images = {pool_size}; "
-                   f"targets: {', '.join(config.targets)} ({config.target_size} each, {config.train_per_target} train); work: {work}")
-
-        # ---- 2. the product: register and index every domain with the CLI
-        env = _env(work, config.threads)
-        cli = Cli(env, work, log)
-        t = time.perf_counter()
-        cli("db", "upgrade")
-        for name, folder in pool_dirs.items():
-            cli("datasets", "add", name, str(folder), "--source", "imagefolder", "--description", f"sample domain {name}")
-        timings["register (nds datasets add)"] = time.perf_counter() - t
-        index: dict[str, dict] = {}
-        t = time.perf_counter()
-        for name in pool_dirs:
-            t1 = time.perf_counter()
-            out = cli("index", name, "--clusters", str(config.clusters), "--epochs", str(config.index_epochs),
-                      "--image-size", str(config.image_size), "--width", str(config.width), "--json")
-            index[name] = json.loads(out[out.index("{"):])
-            accs = ", ".join(f"{c['heldout_accuracy']:.2f}" for c in index[name]["clusters"])
-            _say(echo, f"  indexed {name} in {time.perf_counter() - t1:.0f} s: experts' held-out rotation accuracy {accs}")
-        timings["index (nds index)"] = time.perf_counter() - t
-
-        # ---- 3. the client: score, priors, query, manifest (the target's train split only)
-        selections: dict[tuple[str, int, str, int], dict] = {}
-        scoring: dict[str, dict] = {}
+        stage_file, runs_file = work / STAGE_FILE, work / RUNS_FILE
+        resumed = bool(config.resume and stage_file.exists())
+        if resumed:
+            stage = json.loads(stage_file.read_text())
+            if stage.get("config") != _config_dict(config, for_resume=True):
+                raise ValueError(f"{stage_file} was written by a run with another configuration; start afresh")
+            _say(echo, f"resuming from {stage_file}")
+        else:
+            runs_file.unlink(missing_ok=True)
+            stage = _select(config, work, budgets, echo)
+            if config.work:
+                stage["config"] = _config_dict(config, for_resume=True)
+                stage_file.write_text(json.dumps(stage))
+        index, scoring, selections, timings = stage["index"], stage["scoring"], stage["selections"], dict(stage["timings"])
+        pool_dirs = {d: work / "sources" / d for d in config.domains}
+        target_classes: dict[str, int] = {}
         targets: dict[str, dict] = {}
-        t = time.perf_counter()
-        with serve(env, work, work / "serve.log") as url, NDSClient(url, cache_dir=work / "cache", timeout=300) as client:
-            experts = client.pull_experts()
-            for tname, folder in target_dirs.items():
-                paths, images, labels = _folder_images(folder, config.image_size)
-                train, test = stratified_split(labels, config.train_per_target, config.split_seed)
-                targets[tname] = {"images": images, "labels": labels, "train": train, "test": test}
-                train_paths = [paths[i] for i in train]
-                train_labels = [str(labels[i]) for i in train]
-                rot = client.score(train_paths, method="rotation", experts=experts)
-                lp = client.score(train_paths, labels=train_labels, method="linear-probe", experts=experts)
-                priors = client.label_priors(train_paths, experts=experts)
-                scoring[tname] = {
-                    "rotation": [{"dataset": e["dataset"], "cluster": e["cluster"], "score": round(e["score"], 4),
-                                  "heldout": e["heldout_accuracy"]} for e in rot.ranked()],
-                    "linear-probe": [{"dataset": e["dataset"], "cluster": e["cluster"], "score": round(e["score"], 4)}
-                                     for e in lp.ranked()],
-                }
-                best_rot, best_lp = rot.ranked()[0], lp.ranked()[0]
-                _say(echo, f"target {tname}: best rotation expert {best_rot['dataset']}/{best_rot['cluster']} "
-                           f"({best_rot['score']:.3f}); best linear-probe expert {best_lp['dataset']}/{best_lp['cluster']} ({best_lp['score']:.3f})")
-                for method in config.methods:
-                    base = rot if method.startswith("rotation") else lp
-                    use_priors = priors if method.endswith("+priors") else None
-                    for budget in budgets:
-                        for seed in config.seeds:
-                            query = client.query(base, budget=budget, label_priors=use_priors, seed=seed)
-                            path = work / "manifests" / f"{tname}-{method}-{budget}-{seed}.csv"
-                            client.manifest(query["id"], path)
-                            rows = read_manifest(path)
-                            selections[(tname, budget, method, seed)] = {
-                                "uris": [os.path.realpath(r["uri"]) for r in rows],
-                                "counts": [int(r["count"]) for r in rows],
-                                "datasets": [r["dataset"] for r in rows],
-                            }
-        timings["select (score, priors, query, manifest)"] = time.perf_counter() - t
+        for tname in config.targets:
+            _, images, labels = _folder_images(work / "targets" / tname, config.image_size)
+            train, test = stratified_split(labels, config.train_per_target, config.split_seed)
+            targets[tname] = {"images": images, "labels": labels, "train": train, "test": test}
+            target_classes[tname] = len(set(labels.tolist()))
 
         # ---- 4. precision (and the random baseline's)
         pool_paths: list[str] = []
@@ -511,7 +551,7 @@ def run(config: Config, *, echo: Callable[[str], None] | None = print) -> dict[s
             for budget, frac in zip(budgets, config.budgets):
                 for method in config.methods:
                     for seed in config.seeds:
-                        s = selections[(tname, budget, method, seed)]
+                        s = selections[_key(tname, budget, method, seed)]
                         idx = np.repeat(np.array([where[u] for u in s["uris"]], dtype=np.int64), s["counts"])
                         selected_idx[(tname, budget, method, seed)] = idx
                         runs.append({"target": tname, "budget": budget, "fraction": frac, "method": method, "seed": seed,
@@ -547,9 +587,19 @@ def run(config: Config, *, echo: Callable[[str], None] | None = print) -> dict[s
                     "test_x": tr._tensor(tg["images"][tg["test"]]), "test_y": torch.from_numpy(y[tg["test"]]),
                     "num_classes": len(names),
                 }
+            done: dict[str, dict] = {}
+            if resumed and runs_file.exists():
+                for line in runs_file.read_text().splitlines():
+                    with contextlib.suppress(json.JSONDecodeError):  # a line cut short by the interruption
+                        item = json.loads(line)
+                        done[item["key"]] = item["result"]
             total = len(runs)
             for k, r in enumerate(runs, start=1):
                 seed, tname = r["seed"], r["target"]
+                key = _key(tname, r["budget"], r["method"], seed)
+                if key in done:
+                    r.update(done[key])
+                    continue
                 if r["method"] == NONE:
                     state = None
                 elif r["method"] == WHOLE:
@@ -558,7 +608,11 @@ def run(config: Config, *, echo: Callable[[str], None] | None = print) -> dict[s
                     state = tr.pretrain(random_sel[(r["budget"], seed)], seed)
                 else:
                     state = tr.pretrain(selected_idx[(tname, r["budget"], r["method"], seed)], seed)
-                r.update(tr.evaluate(state, tdata[tname], seed))
+                result = tr.evaluate(state, tdata[tname], seed)
+                r.update(result)
+                if config.work:
+                    with runs_file.open("a") as fh:
+                        fh.write(json.dumps({"key": key, "result": result}) + "\n")
                 if echo is not None and (k % 10 == 0 or k == total):
                     elapsed = time.perf_counter() - t
                     echo(f"  transfer {k}/{total} runs, {elapsed:.0f} s ({tr.pretrain_runs} pre-trainings, {tr.finetune_runs} fine-tunings)")
@@ -566,15 +620,18 @@ def run(config: Config, *, echo: Callable[[str], None] | None = print) -> dict[s
             transfer_info = {
                 "pool_classes": len(classes), "pretrain_runs": tr.pretrain_runs, "finetune_runs": tr.finetune_runs,
                 "pretrain_seconds": round(tr.pretrain_seconds, 1), "finetune_seconds": round(tr.finetune_seconds, 1),
+                "resumed_runs": len(done),
             }
 
     timings["total"] = time.perf_counter() - started
     results = {
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
+        "config": _config_dict(config),
+        "resumed": resumed,
         "budgets": budgets,
         "pool_size": pool_size,
         "index": {d: {"clusters": v["clusters"], "classifier": v.get("classifier"), "seconds": v.get("seconds")} for d, v in index.items()},
         "scores": scoring,
+        "target_classes": target_classes,
         "runs": runs,
         "summary": summarize(runs, config),
         "transfer": transfer_info,
@@ -583,6 +640,14 @@ def run(config: Config, *, echo: Callable[[str], None] | None = print) -> dict[s
     }
     results["verdict"] = verdict(results) if config.transfer else precision_verdict(results)
     return results
+
+
+def _config_dict(config: Config, *, for_resume: bool = False) -> dict[str, Any]:
+    d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
+    if for_resume:  # what may differ between an interrupted run and its resumption
+        for k in ("work", "resume", "threads"):
+            d.pop(k, None)
+    return d
 
 
 def _machine() -> str:
@@ -729,6 +794,8 @@ def markdown(results: dict[str, Any]) -> str:
         tr = results["transfer"]
         lines.append(f"Transfer: {tr['pretrain_runs']} pre-trainings ({tr['pretrain_seconds']} s), "
                      f"{tr['finetune_runs']} fine-tunings and probes ({tr['finetune_seconds']} s).")
+    if results.get("resumed"):
+        lines.append("This run was interrupted and resumed (`--resume`): the times above cover only the resumed part.")
     lines.append(f"Machine: {results['machine']}.")
     return "\n".join(lines) + "\n"
 
@@ -757,6 +824,9 @@ def chart(results: dict[str, Any], path: Path) -> Path:
             r = _find(summary, tname, m)
             ax.axhline(r["finetune"], color=colour, linestyle=":", label=f"{LABELS[m]} ({r['finetune']:.2f})")
             ax.axhspan(r["finetune"] - r["finetune_std"], r["finetune"] + r["finetune_std"], color=colour, alpha=0.08)
+        n_classes = results.get("target_classes", {}).get(tname)
+        if n_classes:
+            ax.axhline(1.0 / n_classes, color="0.5", linestyle="-.", linewidth=0.8, label=f"chance ({1.0 / n_classes:.2f})")
         ax.set_title(f"target: {tname}")
         ax.set_ylabel("fine-tune test accuracy")
         ax.grid(alpha=0.3)
@@ -809,6 +879,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-transfer", action="store_true", help="selection precision only")
     parser.add_argument("--threads", type=int, default=None, help="torch threads here and OMP_NUM_THREADS for the nds processes (default 1; 0: leave as is)")
     parser.add_argument("--work", default=None, help="keep the working folder (images, catalog, manifests, logs) here")
+    parser.add_argument("--resume", action="store_true", help="go on from what an interrupted run saved in --work")
     args = parser.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C: the nds processes this run started are stopped, the temp folder removed
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -818,6 +889,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     if args.no_transfer:
         config = replace(config, transfer=False)
+    if args.resume:
+        if not args.work:
+            parser.error("--resume needs --work DIR (the interrupted run's folder)")
+        config = replace(config, resume=True)
     out = args.out or Path(f"{DEFAULT_OUT}-quick" if args.quick else DEFAULT_OUT)
     results = run(config)
     files = write_outputs(results, out)
