@@ -428,6 +428,7 @@ def train_and_export(
             "num_heldout": result.num_heldout,
             "heldout_is_train": result.heldout_is_train,
             "device": result.device,
+            "precision": result.precision,
             "train_seconds": round(result.seconds, 2),
             "outputs": ["logits", "features"],
         }
