@@ -31,10 +31,11 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 class ArtifactStore:
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._resolved_root = root.resolve()
 
     def path(self, key: str) -> Path:
-        target = (self.root / key).resolve()
-        if not target.is_relative_to(self.root.resolve()):
+        target = (self._resolved_root / key).resolve()
+        if not target.is_relative_to(self._resolved_root):
             raise ArtifactError(f"artifact key {key!r} escapes the artifact store")
         return target
 

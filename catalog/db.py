@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import orjson
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -24,12 +25,22 @@ from catalog.settings import Settings
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 
+_JSON_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
+
+
+def json_serializer(value: object) -> str:
+    """JSON columns (job params, expert metadata, query summaries) through orjson: about 10x
+    faster than the standard library on a query's summary, and numpy values are welcome."""
+    return orjson.dumps(value, option=_JSON_OPTIONS).decode()
+
+
 def create_db_engine(settings: Settings) -> Engine:
     """An engine for the catalog; SQLite gets WAL, foreign keys and a busy timeout."""
     url = settings.sqlalchemy_url
+    json_options = {"json_serializer": json_serializer, "json_deserializer": orjson.loads}
     if url.startswith("sqlite"):
         settings.resolved_home.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **json_options)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001 - DB-API objects
@@ -40,7 +51,7 @@ def create_db_engine(settings: Settings) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, **json_options)
 
 
 @contextmanager

@@ -33,11 +33,11 @@ import struct
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple
 
 import numpy as np
-from sqlalchemy import Connection, and_, insert
+from sqlalchemy import Connection, and_, bindparam, insert
 from sqlmodel import Session, select
 
 from catalog.context import CatalogContext
@@ -74,6 +74,15 @@ class GroupTable:
     label: list[str | None]   # (G,)
     size: np.ndarray          # int64 (G,)
     mass: np.ndarray          # float64 (G,), sums to 1
+    cell: np.ndarray | None = None  # int64 (G,): dense id of the group's (dataset, cluster), for summaries
+
+    def cells(self) -> tuple[np.ndarray, np.ndarray]:
+        """(C, 2) array of the distinct (dataset_id, cluster) pairs, and each group's row in it."""
+        if self.cell is not None:
+            first = np.unique(self.cell, return_index=True)[1]
+            return np.stack([self.dataset_id[first], self.cluster[first]], axis=1), self.cell
+        cells, inverse = np.unique(np.stack([self.dataset_id, self.cluster], axis=1), axis=0, return_inverse=True)
+        return cells, inverse.reshape(-1)
 
     @property
     def weight(self) -> np.ndarray:
@@ -88,6 +97,14 @@ class Picks:
     group: np.ndarray   # int64 (U,), index into the GroupTable
     rank: np.ndarray    # int64 (U,)
     count: np.ndarray   # int64 (U,)
+    selected: np.ndarray | None = None  # int64 (G,): draws per group, when the sampler knows them
+
+    def per_group(self, G: int) -> tuple[np.ndarray, np.ndarray]:
+        """(draws, unique picks) per group, int64 (G,) each."""
+        unique = np.bincount(self.group, minlength=G)
+        if self.selected is not None:
+            return self.selected, unique
+        return np.bincount(self.group, weights=self.count, minlength=G).astype(np.int64), unique
 
 
 # --------------------------------------------------------------------------- validation
@@ -140,6 +157,16 @@ def softmax(x: np.ndarray, temperature: float) -> np.ndarray:
     return e / e.sum()
 
 
+# the two lookups of a query, built once (SQLAlchemy caches their compiled form)
+_EXPERTS_WITH_DATASETS = (
+    select(Expert.id, Expert.dataset_id, Expert.kind, Expert.cluster, Expert.index_version, Dataset.name, Dataset.index_version)
+    .join(Dataset, Dataset.id == Expert.dataset_id)
+    .where(Expert.id.in_(bindparam("ids", expanding=True)))
+)
+_INSERT_QUERY = insert(Query)
+_DATASETS = select(Dataset.id, Dataset.name, Dataset.index_version).where(Dataset.id.in_(bindparam("ids", expanding=True)))
+
+
 def build_groups(ctx: CatalogContext, conn: Connection, request: QueryRequest) -> tuple[GroupTable, dict[int, int], dict[int, str], list[int]]:
     """Resolve experts and datasets, take the G groups of the active index versions, compute masses.
 
@@ -148,10 +175,14 @@ def build_groups(ctx: CatalogContext, conn: Connection, request: QueryRequest) -
     """
     temperature = request.temperature or DEFAULT_TEMPERATURE
     experts: dict[int, tuple[int, str, int | None, int]] = {}
+    names: dict[int, str] = {}
+    versions: dict[int, int] = {}
     if request.expert_scores:
         ids = list(request.expert_scores)
-        rows = conn.execute(select(Expert.id, Expert.dataset_id, Expert.kind, Expert.cluster, Expert.index_version).where(Expert.id.in_(ids))).all()
-        experts = {r[0]: (r[1], r[2].value if hasattr(r[2], "value") else str(r[2]), r[3], r[4]) for r in rows}
+        rows = conn.execute(_EXPERTS_WITH_DATASETS, {"ids": ids}).all()  # experts and their datasets, one round trip
+        experts = {r[0]: (r[1], str(getattr(r[2], "value", r[2])), r[3], r[4]) for r in rows}
+        names.update((r[1], r[5]) for r in rows)
+        versions.update((r[1], r[6]) for r in rows)
         unknown = [i for i in ids if i not in experts]
         if unknown:
             raise _field_error(f"unknown expert ids: {unknown[:10]}", "expert_scores", "GET /v1/experts lists the current experts; pull them again")
@@ -160,9 +191,12 @@ def build_groups(ctx: CatalogContext, conn: Connection, request: QueryRequest) -
         dataset_ids &= set(request.datasets)
         if not dataset_ids:
             raise _field_error("no scored expert or label prior belongs to the datasets asked for", "datasets")
-    found = conn.execute(select(Dataset.id, Dataset.name, Dataset.index_version).where(Dataset.id.in_(dataset_ids))).all()
-    names = {r[0]: r[1] for r in found}
-    versions = {r[0]: r[2] for r in found}
+    names = {d: n for d, n in names.items() if d in dataset_ids}
+    versions = {d: v for d, v in versions.items() if d in dataset_ids}
+    if dataset_ids - set(names):  # datasets named only by label priors
+        found = conn.execute(_DATASETS, {"ids": sorted(dataset_ids - set(names))}).all()
+        names.update((r[0], r[1]) for r in found)
+        versions.update((r[0], r[2]) for r in found)
     missing = sorted(dataset_ids - set(names))
     if missing:
         raise _field_error(f"unknown dataset ids: {missing}", "label_priors" if request.label_priors else "datasets")
@@ -171,10 +205,11 @@ def build_groups(ctx: CatalogContext, conn: Connection, request: QueryRequest) -
             raise _field_error(f"dataset {names[did]!r} is not indexed yet", "datasets", f"run 'nds index {names[did]}' first")
     ignored: list[int] = []
     cluster_scores: dict[tuple[int, int], float] = {}
+    rotation = ExpertKind.rotation.value
     for eid, (did, kind, cluster, version) in experts.items():
         if did not in versions:
             continue  # filtered out by request.datasets
-        if kind != ExpertKind.rotation.value:
+        if kind != rotation:
             ignored.append(eid)
             continue
         if version != versions[did]:
@@ -195,19 +230,23 @@ def build_groups(ctx: CatalogContext, conn: Connection, request: QueryRequest) -
             if unknown_labels:
                 raise _field_error(f"dataset {names[did]!r} has no labels {unknown_labels[:10]}", f"label_priors.{did}",
                                    f"its labels are: {', '.join(sorted(per_dataset[did].labels)[:20])}")
-    probs: dict[tuple[int, int], float] = {}
+    probs: dict[int, tuple[list[int], np.ndarray]] = {}  # dataset -> (its scored clusters, their p_k)
     if cluster_scores:
         keys = sorted(cluster_scores)
-        probs = dict(zip(keys, softmax(normalized_scores(np.array([cluster_scores[k] for k in keys])), temperature).tolist()))
+        p_all = softmax(normalized_scores(np.array([cluster_scores[k] for k in keys])), temperature)
+        for (d, c), prob in zip(keys, p_all.tolist()):
+            clusters_d, probs_d = probs.setdefault(d, ([], []))
+            clusters_d.append(c)
+            probs_d.append(prob)
     with_priors = [d for d in (request.label_priors or {}) if d in per_dataset]
     parts_mass, parts_ds = [], []
     for did in order:
         g = per_dataset[did]
         if cluster_scores:
             p = np.zeros(int(g.cluster.max(initial=-1)) + 1)
-            for (d, c), prob in probs.items():
-                if d == did and c < len(p):
-                    p[c] = prob
+            clusters_d, probs_d = probs.get(did, ([], []))
+            inside = [i for i, c in enumerate(clusters_d) if c < len(p)]
+            p[[clusters_d[i] for i in inside]] = [probs_d[i] for i in inside]
             w = p[g.cluster] / np.maximum(g.cluster_size, 1)       # p_k / |k| per sample
         else:  # priors alone: every dataset with priors gets the same mass
             w = np.full(len(g.size), (1.0 / len(with_priors) / max(int(g.size.sum()), 1)) if did in with_priors else 0.0)
@@ -223,12 +262,14 @@ def build_groups(ctx: CatalogContext, conn: Connection, request: QueryRequest) -
     if total <= 0:
         raise _field_error("the scores and priors give no sample any weight", "label_priors" if request.label_priors else "expert_scores",
                            "check that the priors name labels the scored clusters contain")
+    cell_offsets = np.cumsum([0] + [int(per_dataset[d].cluster.max(initial=-1)) + 1 for d in order])
     table = GroupTable(
         dataset_id=np.concatenate(parts_ds),
         cluster=np.concatenate([per_dataset[d].cluster for d in order]),
         label=[lab for d in order for lab in per_dataset[d].label],
         size=np.concatenate([per_dataset[d].size for d in order]),
         mass=mass / total,
+        cell=np.concatenate([per_dataset[d].cluster + cell_offsets[i] for i, d in enumerate(order)]),
     )
     return table, versions, names, sorted(ignored)
 
@@ -245,19 +286,23 @@ def sample_groups(table: GroupTable, budget: int, *, replacement: bool, seed: in
     G = len(table.size)
     if replacement:
         counts = rng.multinomial(budget, table.mass)
-        group_of_draw = np.repeat(np.arange(G, dtype=np.int64), counts)
+        group_of_draw = np.repeat(np.arange(G, dtype=np.int64), counts)  # sorted by group
         ranks = (rng.random(len(group_of_draw)) * table.size[group_of_draw]).astype(np.int64)
-        offsets = np.concatenate([[0], np.cumsum(table.size)[:-1]]).astype(np.int64)
-        keys = offsets[group_of_draw] + ranks
-        if len(keys) and keys[-1] < 2**31 and int(table.size.sum()) < 2**31:
+        offsets = np.zeros(G, dtype=np.int64)
+        np.cumsum(table.size[:-1], out=offsets[1:])
+        keys = offsets[group_of_draw] + ranks  # group-major: sorting moves draws only inside their group
+        if int(table.size.sum()) < 2**31:
             keys = keys.astype(np.int32)  # half the bytes to sort
-        keys.sort()  # by group, then rank
-        starts = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]])) if len(keys) else np.zeros(0, np.int64)
-        mult = np.diff(np.concatenate([starts, [len(keys)]]))
-        keys = keys[starts].astype(np.int64)
-        group = np.searchsorted(offsets, keys, side="right") - 1
-        # groups are never empty, so offsets strictly increase and searchsorted finds each key's group
-        return Picks(group.astype(np.int64), (keys - offsets[group]).astype(np.int64), mult.astype(np.int64))
+        keys.sort()  # by group, then rank; group_of_draw still holds each position's group
+        if len(keys) == 0:
+            empty = np.zeros(0, dtype=np.int64)
+            return Picks(empty, empty, empty)
+        first = np.empty(len(keys), dtype=bool)
+        first[0] = True
+        np.not_equal(keys[1:], keys[:-1], out=first[1:])
+        starts = np.flatnonzero(first)
+        group = group_of_draw[starts]
+        return Picks(group, keys[starts].astype(np.int64) - offsets[group], np.diff(starts, append=len(keys)).astype(np.int64), counts)
     counts = np.zeros(G, dtype=np.int64)
     capacity = np.where(table.mass > 0, table.size, 0)
     remaining = int(min(budget, capacity.sum()))
@@ -275,7 +320,7 @@ def sample_groups(table: GroupTable, budget: int, *, replacement: bool, seed: in
         empty = np.zeros(0, dtype=np.int64)
         return Picks(empty, empty, empty)
     group = np.concatenate(groups)
-    return Picks(group, np.concatenate(ranks).astype(np.int64), np.ones(len(group), dtype=np.int64))
+    return Picks(group, np.concatenate(ranks).astype(np.int64), np.ones(len(group), dtype=np.int64), counts)
 
 
 # --------------------------------------------------------------------------- summary
@@ -298,22 +343,25 @@ def recommend_recipe(request: QueryRequest, best_score: float | None) -> dict[st
 
 def summarize(table: GroupTable, picks: Picks, request: QueryRequest, datasets: Mapping[int, str], ignored: list[int]) -> dict[str, Any]:
     G = len(table.size)
-    selected = np.bincount(picks.group, weights=picks.count, minlength=G).astype(np.int64)
-    unique = np.bincount(picks.group, minlength=G).astype(np.int64)
-    # aggregate groups to (dataset, cluster) with one unique over their keys
-    keys = np.stack([table.dataset_id, table.cluster], axis=1)
-    cells, inverse = np.unique(keys, axis=0, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    agg = {name: np.bincount(inverse, weights=values, minlength=len(cells))
-           for name, values in (("selected", selected), ("unique", unique), ("mass", table.mass), ("size", table.size))}
+    selected, unique = picks.per_group(G)
+    cells, inverse = table.cells()  # groups aggregate to (dataset, cluster) cells
+    C = len(cells)
+    cell_selected = np.bincount(inverse, weights=selected, minlength=C).astype(np.int64).tolist()
+    cell_unique = np.bincount(inverse, weights=unique, minlength=C).astype(np.int64).tolist()
+    cell_mass = np.bincount(inverse, weights=table.mass, minlength=C)
+    cell_size = np.bincount(inverse, weights=table.size, minlength=C).astype(np.int64).tolist()
     per_dataset: dict[int, dict[str, Any]] = {}
-    for i, (d, c) in enumerate(cells.tolist()):
-        entry = per_dataset.setdefault(d, {"dataset_id": d, "dataset": datasets.get(d, str(d)), "selected": 0, "unique": 0, "mass": 0.0, "clusters": []})
-        cell = {"cluster": c, "selected": int(agg["selected"][i]), "unique": int(agg["unique"][i]), "mass": round(float(agg["mass"][i]), 6), "size": int(agg["size"][i])}
-        entry["clusters"].append(cell)
-        entry["selected"] += cell["selected"]
-        entry["unique"] += cell["unique"]
-        entry["mass"] += float(agg["mass"][i])
+    for i, (d, c), m in zip(range(C), cells.tolist(), np.round(cell_mass, 6).tolist()):
+        entry = per_dataset.get(d)
+        if entry is None:
+            entry = per_dataset[d] = {"dataset_id": d, "dataset": datasets.get(d, str(d)), "selected": 0, "unique": 0, "mass": 0.0, "clusters": []}
+        entry["clusters"].append({"cluster": c, "selected": cell_selected[i], "unique": cell_unique[i], "mass": m, "size": cell_size[i]})
+        entry["selected"] += cell_selected[i]
+        entry["unique"] += cell_unique[i]
+    for (d, _), m in zip(cells.tolist(), cell_mass.tolist()):
+        per_dataset[d]["mass"] += m
+    for entry in per_dataset.values():
+        entry["mass"] = round(entry["mass"], 6)
     weighted = table.mass > 0
     ess = 1.0 / float(np.sum(table.mass[weighted] ** 2 / table.size[weighted])) if weighted.any() else 0.0
     with_weight = int(table.size[weighted].sum())
@@ -323,7 +371,7 @@ def summarize(table: GroupTable, picks: Picks, request: QueryRequest, datasets: 
     best = max(request.expert_scores.values()) if request.expert_scores else None
     return {
         "budget": request.budget,
-        "selected": int(picks.count.sum()),
+        "selected": int(selected.sum()),
         "unique_samples": int(len(picks.rank)),
         "samples_with_weight": with_weight,
         "effective_sample_size": round(ess, 2),
@@ -332,7 +380,7 @@ def summarize(table: GroupTable, picks: Picks, request: QueryRequest, datasets: 
         "seed": request.seed,
         "ignored_experts": ignored,
         "notes": notes,
-        "datasets": [{**e, "mass": round(e["mass"], 6)} for e in sorted(per_dataset.values(), key=lambda x: -x["mass"])],
+        "datasets": sorted(per_dataset.values(), key=lambda x: -x["mass"]),
         "recommendation": recommend_recipe(request, best),
     }
 
@@ -355,39 +403,50 @@ def run_query(ctx: CatalogContext, request: QueryRequest) -> Query:
     )
     save_picks(ctx, query.id, table, picks)
     with ctx.engine.begin() as conn:
-        conn.execute(insert(Query).values(id=query.id, request=query.request, index_versions=query.index_versions,
-                                          summary=query.summary, created_at=query.created_at))
+        conn.execute(_INSERT_QUERY, {"id": query.id, "request": query.request, "index_versions": query.index_versions,
+                                     "summary": query.summary, "created_at": query.created_at})
     return query
 
 
 def _request_json(request: QueryRequest) -> dict[str, Any]:
-    data = asdict(request)
+    data = {f.name: getattr(request, f.name) for f in fields(request)}  # shallow: asdict deep-copies every score
     data["expert_scores"] = {str(k): v for k, v in request.expert_scores.items()}
     if request.label_priors is not None:
-        data["label_priors"] = {str(k): v for k, v in request.label_priors.items()}
+        data["label_priors"] = {str(k): dict(v) for k, v in request.label_priors.items()}
+    if request.datasets is not None:
+        data["datasets"] = list(request.datasets)
     return data
 
 
-# Picks file: 8-byte little-endian header length, a JSON header (the group table), then
-# the picks as raw little-endian int64 rows (group, rank, count). No pickle; readable in
-# slices, so exporting a manifest of any size needs bounded memory.
-_ROW = 3
+# Picks file (format 2): 8-byte little-endian header length, a small JSON header (counts,
+# dtypes, the groups' labels), then raw little-endian arrays: the group table (dataset_id,
+# cluster, size as int64, mass as float64, G each), the number of picks of each group
+# (int64, G), then the picks' ranks (int32 when every group is smaller than 2**31, else
+# int64) and counts (the smallest of uint8, uint16, int32, int64 that holds them). The picks are sorted by group, so a
+# pick's group follows from the per-group numbers: readable in slices, no pickle.
+PICKS_FORMAT = 2
 
 
 def save_picks(ctx: CatalogContext, query_id: str, table: GroupTable, picks: Picks) -> None:
+    G = len(table.size)
+    rank_dtype = "<i4" if int(table.size.max(initial=0)) < 2**31 else "<i8"
+    most = int(picks.count.max(initial=0))  # counts are mostly 1: store them in the smallest type that holds them
+    count_dtype = "<u1" if most < 2**8 else "<u2" if most < 2**16 else "<i4" if most < 2**31 else "<i8"
     header = json.dumps({
-        "format": 1,
-        "groups": {"dataset_id": table.dataset_id.tolist(), "cluster": table.cluster.tolist(), "label": list(table.label),
-                   "size": table.size.tolist(), "mass": table.mass.tolist()},
-        "rows": int(len(picks.rank)),
+        "format": PICKS_FORMAT, "groups": G, "rows": int(len(picks.rank)), "rank_dtype": rank_dtype,
+        "count_dtype": count_dtype, "labels": list(table.label),
     }).encode()
-    body = np.stack([picks.group, picks.rank, picks.count], axis=1).astype("<i8", copy=False)
+    _, per_group = picks.per_group(G)
+
+    parts = [struct.pack("<Q", len(header)), header] + [
+        np.asarray(array).astype(dtype, copy=False).tobytes()
+        for array, dtype in ((table.dataset_id, "<i8"), (table.cluster, "<i8"), (table.size, "<i8"), (table.mass, "<f8"),
+                             (per_group, "<i8"), (picks.rank, rank_dtype), (picks.count, count_dtype))
+    ]
 
     def write(path) -> None:  # noqa: ANN001 - Path
-        with open(path, "wb") as fh:
-            fh.write(struct.pack("<Q", len(header)))
-            fh.write(header)
-            body.tofile(fh)
+        with open(path, "wb", buffering=0) as fh:
+            fh.write(b"".join(parts))
 
     ctx.artifacts.write_with(f"{PICKS_PREFIX}/{query_id}.picks", write, durable=False)
 
@@ -398,17 +457,27 @@ def open_picks(ctx: CatalogContext, query_id: str) -> Iterator[tuple[GroupTable,
     with ctx.artifacts.open_path(f"{PICKS_PREFIX}/{query_id}.picks").open("rb") as fh:
         (length,) = struct.unpack("<Q", fh.read(8))
         header = json.loads(fh.read(length))
-        base = 8 + length
-        g = header["groups"]
-        table = GroupTable(np.array(g["dataset_id"], dtype=np.int64), np.array(g["cluster"], dtype=np.int64), g["label"],
-                           np.array(g["size"], dtype=np.int64), np.array(g["mass"], dtype=np.float64))
+        if header.get("format") != PICKS_FORMAT:
+            raise ConflictError(f"query {query_id} was stored by an older version of the server", hint="run the query again")
+        G, total = int(header["groups"]), int(header["rows"])
+        arrays = [np.fromfile(fh, dtype=dtype, count=G) for dtype in ("<i8", "<i8", "<i8", "<f8", "<i8")]
+        dataset_id, cluster, size, mass, per_group = arrays
+        table = GroupTable(dataset_id, cluster, header["labels"], size, mass)
+        ends = np.cumsum(per_group)  # picks of group g are rows [ends[g] - per_group[g], ends[g])
+        rank_dtype, count_dtype = np.dtype(header["rank_dtype"]), np.dtype(header["count_dtype"])
+        ranks_at = 8 + length + 5 * 8 * G
+        counts_at = ranks_at + total * rank_dtype.itemsize
 
         def read(start: int, stop: int) -> Picks:
-            fh.seek(base + start * _ROW * 8)
-            rows = np.fromfile(fh, dtype="<i8", count=(stop - start) * _ROW).reshape(-1, _ROW)
-            return Picks(rows[:, 0], rows[:, 1], rows[:, 2])
+            stop = max(start, min(stop, total))
+            fh.seek(ranks_at + start * rank_dtype.itemsize)
+            rank = np.fromfile(fh, dtype=rank_dtype, count=stop - start).astype(np.int64)
+            fh.seek(counts_at + start * count_dtype.itemsize)
+            count = np.fromfile(fh, dtype=count_dtype, count=stop - start).astype(np.int64)
+            group = np.searchsorted(ends, np.arange(start, stop), side="right").astype(np.int64)
+            return Picks(group, rank, count)
 
-        yield table, int(header["rows"]), read
+        yield table, total, read
 
 
 def get_query(*, session: Session, query_id: str) -> Query:
