@@ -7,11 +7,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from sqlmodel import Session
 
 from api.dispatch import make_dispatcher
 from api.errors import install_error_handlers
-from api.routes import datasets, experts, jobs, queries
+from api.limits import BodySizeLimit
+from api.routes import datasets, experts, jobs, keys, queries
 from api.schemas import Health
+from catalog.access import keys_exist
 from catalog.context import CatalogContext
 from catalog.db import current_revision
 from catalog.jobs import mark_interrupted
@@ -20,6 +23,18 @@ from catalog.registration import remove_interrupted_registrations
 from catalog.settings import Settings, load_settings
 
 log = logging.getLogger("nds.api")
+
+
+def warn_if_open(ctx: CatalogContext) -> bool:
+    """Log loudly when the API runs open (no key exists yet); returns whether it does."""
+    if ctx.settings.auth == "required" or ctx.settings.admin_key is not None:
+        return False
+    with Session(ctx.engine) as session:
+        if keys_exist(session=session):
+            return False
+    log.warning("the API is OPEN: no API key exists, so anyone who reaches it acts as an admin; "
+                "create one with 'nds keys create --role admin --name NAME' to require keys")
+    return True
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -37,6 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if stale or removed or restored:
                 log.warning("marked %d interrupted jobs failed; removed partial datasets %s; index jobs interrupted on %s",
                             len(stale), removed, restored)
+        warn_if_open(ctx)
         app.state.ctx = ctx
         app.state.dispatcher = make_dispatcher(ctx)
         try:
@@ -52,10 +68,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.include_router(datasets.router)
     app.include_router(jobs.router)
     app.include_router(experts.router)
     app.include_router(queries.router)
+    app.include_router(keys.router)
 
     @app.get("/healthz", response_model=Health, tags=["health"])
     def healthz() -> Health:

@@ -31,11 +31,13 @@ datasets_app = typer.Typer(no_args_is_help=True, help="Register, list, show and 
 jobs_app = typer.Typer(no_args_is_help=True, help="Inspect jobs.")
 plugins_app = typer.Typer(no_args_is_help=True, help="Installed plugins.")
 experts_app = typer.Typer(no_args_is_help=True, help="The experts clients download.")
+keys_app = typer.Typer(no_args_is_help=True, help="API keys: create (shown once), list, revoke.")
 app.add_typer(db_app, name="db")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(plugins_app, name="plugins")
 app.add_typer(experts_app, name="experts")
+app.add_typer(keys_app, name="keys")
 
 
 
@@ -237,6 +239,106 @@ def datasets_rm(name: Annotated[str, typer.Argument(help="Dataset name (or id)."
             dataset_id = find_dataset(session=session, ref=name).id
         delete_dataset(ctx=ctx, dataset_id=dataset_id)
         out.print(f"removed dataset {name}")
+
+
+@datasets_app.command("restrict")
+@handles_errors
+def datasets_restrict(
+    name: Annotated[str, typer.Argument(help="Dataset name (or id).")],
+    key: Annotated[list[str], typer.Option("--key", help="A key (name or id) that may see the dataset; repeat for several.")] = [],  # noqa: B006
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Restrict a dataset to the named keys (admins always see it); other keys neither see it nor get its samples."""
+    _set_access(name, restricted=True, keys=key, as_json=as_json)
+
+
+@datasets_app.command("unrestrict")
+@handles_errors
+def datasets_unrestrict(
+    name: Annotated[str, typer.Argument(help="Dataset name (or id).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Open a restricted dataset to every key again."""
+    _set_access(name, restricted=False, keys=[], as_json=as_json)
+
+
+def _set_access(name: str, *, restricted: bool, keys: list[str], as_json: bool) -> None:
+    from catalog.access import set_access
+    from catalog.datasets import find_dataset
+    from catalog.db import session_scope
+
+    with open_ctx() as ctx, session_scope(ctx.engine) as session:
+        dataset, granted = set_access(session=session, dataset_id=find_dataset(session=session, ref=name).id, restricted=restricted, keys=keys)
+        data = {"dataset": dataset.name, "dataset_id": dataset.id, "restricted": dataset.restricted, "keys": [k.name for k in granted]}
+    if as_json:
+        print_json(data)
+    elif restricted:
+        out.print(f"{data['dataset']} is restricted to: {', '.join(data['keys']) or 'admins only'}", highlight=False)
+    else:
+        out.print(f"{data['dataset']} is visible to every key", highlight=False)
+
+
+# --------------------------------------------------------------------------- keys
+
+
+@keys_app.command("create")
+@handles_errors
+def keys_create(
+    name: Annotated[str, typer.Option(help="A unique name: who or what uses the key.")],
+    role: Annotated[str, typer.Option(help="admin (register, index, delete, manage keys) or client (read, download experts, query).")] = "client",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (the key included).")] = False,
+) -> None:
+    """Create an API key and print it once: only its hash is stored."""
+    from catalog.access import create_key
+    from catalog.db import session_scope
+    from catalog.models import ApiKeyCreated, ApiKeyPublic
+
+    with open_ctx() as ctx, session_scope(ctx.engine) as session:
+        key, secret = create_key(session=session, name=name, role=role)
+        created = ApiKeyCreated(**ApiKeyPublic.model_validate(key).model_dump(), key=secret)
+    if as_json:
+        print_json(created.model_dump(mode="json"))
+        return
+    out.print(f"created {created.role.value} key {created.name!r} (id {created.id}); it is shown this once:", highlight=False)
+    sys.stdout.write(secret + "\n")
+    sys.stdout.flush()
+
+
+@keys_app.command("list")
+@handles_errors
+def keys_list(
+    include_revoked: Annotated[bool, typer.Option("--all", help="Include revoked keys.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List API keys (names, roles, prefixes; never the keys)."""
+    from sqlmodel import Session
+
+    from catalog.access import list_keys
+    from catalog.models import ApiKeyPublic
+
+    with open_ctx() as ctx, Session(ctx.engine) as session:
+        keys = [ApiKeyPublic.model_validate(k).model_dump(mode="json") for k in list_keys(session=session, include_revoked=include_revoked)]
+    if as_json:
+        print_json({"data": keys, "count": len(keys)})
+        return
+    table = Table(title=f"{len(keys)} API keys")
+    for col in ("id", "name", "role", "prefix", "created", "revoked"):
+        table.add_column(col)
+    for k in keys:
+        table.add_row(str(k["id"]), k["name"], k["role"], k["prefix"] + "...", k["created_at"], k["revoked_at"] or "")
+    out.print(table)
+
+
+@keys_app.command("revoke")
+@handles_errors
+def keys_revoke(name: Annotated[str, typer.Argument(help="Key name (or id).")]) -> None:
+    """Revoke a key: it stops working at once and loses its dataset grants."""
+    from catalog.access import revoke_key
+    from catalog.db import session_scope
+
+    with open_ctx() as ctx, session_scope(ctx.engine) as session:
+        key = revoke_key(session=session, ref=name)
+        out.print(f"revoked key {key.name!r} ({key.prefix}...)", highlight=False)
 
 
 # --------------------------------------------------------------------------- index
@@ -458,6 +560,7 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to bind.")] = 8000,
     workers: Annotated[int, typer.Option(help="Uvicorn worker processes (server mode only).")] = 1,
     log_level: Annotated[str, typer.Option(help="Uvicorn log level.")] = "info",
+    insecure: Annotated[bool, typer.Option("--insecure", help="Serve on a non-loopback address even though no API key exists (anyone who reaches it is an admin).")] = False,
 ) -> None:
     """Serve the REST API under /v1 (OpenAPI docs at /docs)."""
     import uvicorn
@@ -465,22 +568,46 @@ def serve(
     s = settings()
     if workers > 1 and not s.broker_url:
         raise fail("several workers need server mode", "the embedded store is single-process: set NDS_DATABASE_URL, NDS_QDRANT_URL and NDS_BROKER_URL")
+    from sqlmodel import Session
+
+    from catalog.access import keys_exist
     from catalog.context import CatalogContext
     from catalog.db import check_schema
 
     probe = CatalogContext(s)
     try:
         check_schema(probe.engine)
+        with Session(probe.engine) as session:
+            closed = s.auth == "required" or s.admin_key is not None or keys_exist(session=session)
     finally:
         probe.close()
+    if not closed and not insecure and not _is_loopback(host):
+        raise fail(
+            f"refusing to serve on {host} with no API key: anyone who reaches it would be an admin",
+            "create a key first ('nds keys create --role admin --name NAME'), set NDS_ADMIN_KEY, bind to 127.0.0.1, or pass --insecure",
+        )
     mode = "server mode" if s.broker_url else f"embedded mode (catalog and vectors under {s.resolved_home})"
     err.print(f"nds serving on http://{host}:{port} in {mode}; docs at /docs", highlight=False)
+    if not closed:
+        err.print("[bold yellow]warning:[/] the API is open: no API key exists, so every request acts as an admin "
+                  "('nds keys create --role admin --name NAME' closes it)", highlight=False)
     if workers > 1:
         uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers, log_level=log_level)
     else:
         from api.app import create_app
 
         uvicorn.run(create_app(s), host=host, port=port, log_level=log_level)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 @app.command("worker")

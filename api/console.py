@@ -9,6 +9,9 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from sqlalchemy.exc import DBAPIError
+
+from catalog.db import unavailable_database
 from catalog.errors import NDSError
 
 out = Console()
@@ -32,5 +35,10 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except NDSError as exc:
             raise fail(exc.message, exc.hint) from None
+        except DBAPIError as exc:
+            unavailable = unavailable_database(exc)
+            if unavailable is None:
+                raise
+            raise fail(unavailable.message, unavailable.hint) from None
 
     return wrapper

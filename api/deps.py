@@ -6,9 +6,12 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session
 
+from catalog.access import LOCAL, Principal, authenticate, keys_exist, require_admin
 from catalog.context import CatalogContext
+from catalog.errors import AuthenticationError
 from catalog.jobs import Dispatcher
 
 
@@ -30,3 +33,37 @@ DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 SessionDep = Annotated[Session, Depends(get_session)]
 OffsetDep = Annotated[int, Query(ge=0, le=2**62, description="Rows to skip.")]
 LimitDep = Annotated[int, Query(ge=1, le=1000, description="Rows to return (at most 1000).")]
+
+
+# --------------------------------------------------------------------------- who is asking
+
+bearer_scheme = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer nds_...` (`nds keys create`).")
+api_key_scheme = APIKeyHeader(name="X-API-Key", auto_error=False, description="The same API key, in a header of its own.")
+
+
+def get_principal(
+    ctx: CtxDep,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+    api_key: Annotated[str | None, Depends(api_key_scheme)],
+) -> Principal:
+    """The key's principal; without a key, LOCAL while the API runs open (no key exists yet)."""
+    secret = bearer.credentials if bearer is not None else api_key
+    with Session(ctx.engine) as session:
+        if secret:
+            return authenticate(session=session, secret=secret, admin_key=ctx.settings.admin_key_value)
+        if ctx.settings.auth == "required" or ctx.settings.admin_key is not None or keys_exist(session=session):
+            raise AuthenticationError(
+                "an API key is required", hint="send it as 'Authorization: Bearer <key>' (nds: --token or NDS_TOKEN); an admin creates keys with 'nds keys create'"
+            )
+    return LOCAL
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def get_admin(request: Request, principal: PrincipalDep) -> Principal:
+    require_admin(principal, f"{request.method} {request.url.path}")
+    return principal
+
+
+AdminDep = Annotated[Principal, Depends(get_admin)]

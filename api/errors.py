@@ -5,22 +5,33 @@ Body shape for every error: ``{"detail": message, "field": name|null, "hint": te
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from catalog.db import unavailable_database
+
 from catalog.errors import (
+    AuthenticationError,
     ConflictError,
     InvalidInputError,
     NDSError,
     NotFoundError,
+    PermissionDeniedError,
     PluginError,
     ServiceUnavailableError,
     VectorStoreBusyError,
 )
 
+log = logging.getLogger("nds.api")
+
 STATUS_BY_ERROR: list[tuple[type[NDSError], int]] = [
+    (AuthenticationError, 401),
+    (PermissionDeniedError, 403),
     (NotFoundError, 404),
     (ConflictError, 409),
     (InvalidInputError, 422),
@@ -45,7 +56,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(NDSError)
     async def _nds_error(_: Request, exc: NDSError) -> JSONResponse:
         field = getattr(exc, "field", None)
-        return JSONResponse(status_code=status_for(exc), content=error_body(exc.message, field=field, hint=exc.hint))
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, AuthenticationError) else None
+        return JSONResponse(status_code=status_for(exc), content=error_body(exc.message, field=field, hint=exc.hint), headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -57,6 +69,18 @@ def install_error_handlers(app: FastAPI) -> None:
         body = error_body(message, field=field, hint="see the OpenAPI docs at /docs")
         body["errors"] = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in errors]
         return JSONResponse(status_code=422, content=body)
+
+    @app.exception_handler(DBAPIError)
+    async def _database_error(request: Request, exc: DBAPIError) -> JSONResponse:
+        unavailable = unavailable_database(exc)
+        if unavailable is None:
+            return await _unexpected(request, exc)
+        return JSONResponse(status_code=503, content=error_body(unavailable.message, hint=unavailable.hint), headers={"Retry-After": "1"})
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse(status_code=500, content=error_body(f"internal error ({type(exc).__name__})", hint="the server log has the details"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -92,3 +92,25 @@ class SearchHit(BaseModel):
 class SearchResult(BaseModel):
     backbone: str
     results: list[list[SearchHit]]
+
+
+class DatasetAccessBody(BaseModel):
+    """PUT /v1/datasets/{id}/access."""
+
+    model_config = ConfigDict(extra="forbid")
+    restricted: bool = Field(description="True: only admins and the named keys see the dataset; false: every key does.")
+    keys: list[str] = Field(default_factory=list, max_length=1000, description="Names (or ids) of the keys granted access; replaces earlier grants.")
+
+
+class DatasetAccess(BaseModel):
+    dataset_id: int
+    restricted: bool
+    keys: list[str]
+
+
+class KeyCreate(BaseModel):
+    """POST /v1/keys."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=128, description="A unique name, e.g. the team or machine that uses the key.")
+    role: Literal["admin", "client"] = Field(default="client")

@@ -7,6 +7,7 @@ import re
 from sqlalchemy import delete, func
 from sqlmodel import Session, select
 
+from catalog.access import LOCAL, Principal, can_see, visible_clause
 from catalog.context import CatalogContext
 from catalog.db import session_scope
 from catalog.errors import ConflictError, InvalidInputError, NotFoundError
@@ -25,9 +26,10 @@ def check_name(name: str) -> None:
         )
 
 
-def get_dataset(*, session: Session, dataset_id: int) -> Dataset:
+def get_dataset(*, session: Session, dataset_id: int, principal: Principal = LOCAL) -> Dataset:
+    """One dataset; a dataset ``principal`` may not see does not exist for it (404, not 403)."""
     dataset = session.get(Dataset, dataset_id)
-    if dataset is None:
+    if dataset is None or (dataset.restricted and not can_see(session=session, principal=principal, dataset_id=dataset_id)):
         raise NotFoundError(f"no dataset with id {dataset_id}", hint="'nds datasets list' shows the registered ones")
     return dataset
 
@@ -49,22 +51,26 @@ def find_dataset(*, session: Session, ref: str) -> Dataset:
     return dataset
 
 
-def list_datasets(*, session: Session, offset: int = 0, limit: int = 100) -> tuple[list[Dataset], int]:
-    count = session.exec(select(func.count()).select_from(Dataset)).one()
-    rows = session.exec(select(Dataset).order_by(Dataset.id).offset(offset).limit(limit)).all()
+def list_datasets(*, session: Session, offset: int = 0, limit: int = 100, principal: Principal = LOCAL) -> tuple[list[Dataset], int]:
+    count_query, rows_query = select(func.count()).select_from(Dataset), select(Dataset)
+    clause = visible_clause(principal)
+    if clause is not None:
+        count_query, rows_query = count_query.where(clause), rows_query.where(clause)
+    count = session.exec(count_query).one()
+    rows = session.exec(rows_query.order_by(Dataset.id).offset(offset).limit(limit)).all()
     return list(rows), count
 
 
-def list_samples(*, session: Session, dataset_id: int, offset: int = 0, limit: int = 100) -> tuple[list[Sample], int]:
-    dataset = get_dataset(session=session, dataset_id=dataset_id)
+def list_samples(*, session: Session, dataset_id: int, offset: int = 0, limit: int = 100, principal: Principal = LOCAL) -> tuple[list[Sample], int]:
+    dataset = get_dataset(session=session, dataset_id=dataset_id, principal=principal)
     rows = session.exec(
         select(Sample).where(Sample.dataset_id == dataset_id).order_by(Sample.position).offset(offset).limit(limit)
     ).all()
     return list(rows), dataset.num_samples
 
 
-def list_clusters(*, session: Session, dataset_id: int) -> list[Cluster]:
-    dataset = get_dataset(session=session, dataset_id=dataset_id)
+def list_clusters(*, session: Session, dataset_id: int, principal: Principal = LOCAL) -> list[Cluster]:
+    dataset = get_dataset(session=session, dataset_id=dataset_id, principal=principal)
     return list(
         session.exec(
             select(Cluster).where(Cluster.dataset_id == dataset_id, Cluster.index_version == dataset.index_version).order_by(Cluster.cluster)

@@ -16,7 +16,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, event, inspect
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlmodel import Session, create_engine
 
 from catalog.errors import NDSError, ServiceUnavailableError
@@ -52,6 +52,21 @@ def create_db_engine(settings: Settings) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, **json_options)
+
+
+def unavailable_database(exc: BaseException) -> ServiceUnavailableError | None:
+    """The project's error for a catalog database that cannot be reached (down, restarting,
+    connection dropped), or None when ``exc`` is something else. The one place where
+    SQLAlchemy's connection errors are translated."""
+    if isinstance(exc, OperationalError | InterfaceError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
+        reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0] if str(getattr(exc, "orig", exc)).strip() else type(exc).__name__
+        if isinstance(exc, OperationalError) and "locked" in reason:
+            return ServiceUnavailableError(f"the catalog database is busy: {reason}", hint="retry in a moment")
+        return ServiceUnavailableError(
+            f"the catalog database cannot be reached: {reason}",
+            hint="retry in a moment; check NDS_DATABASE_URL and that the database is running",
+        )
+    return None
 
 
 @contextmanager

@@ -10,6 +10,8 @@
     |   +-- VectorStoreBusyError   the embedded store is locked by another process
     +-- ArtifactError          an artifact could not be written or read
     +-- ServiceUnavailableError  a backing service (broker, database) cannot be reached
+    +-- AuthenticationError    no API key, or one that is unknown or revoked
+    +-- PermissionDeniedError  a valid key whose role may not do this
 
 Third-party exceptions are translated in exactly one place per backend
 (``raise VectorStoreError(...) from exc``); the API maps these classes to HTTP codes.
@@ -67,4 +69,12 @@ class ArtifactError(NDSError):
 
 
 class ServiceUnavailableError(NDSError):
+    pass
+
+
+class AuthenticationError(NDSError):
+    pass
+
+
+class PermissionDeniedError(NDSError):
     pass

@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlalchemy import and_, func
 from sqlmodel import Session, select
 
+from catalog.access import LOCAL, Principal, can_see, visible_clause
 from catalog.errors import NotFoundError
 from catalog.models import Dataset, Expert, ExpertKind
 
@@ -14,11 +15,15 @@ def _active():  # noqa: ANN202 - a SQL condition
 
 
 def list_experts(
-    *, session: Session, dataset_id: int | None = None, kind: ExpertKind | None = None, offset: int = 0, limit: int = 1000
+    *, session: Session, dataset_id: int | None = None, kind: ExpertKind | None = None, offset: int = 0, limit: int = 1000,
+    principal: Principal = LOCAL,
 ) -> tuple[list[Expert], int]:
-    """Experts of the active index version of every (or one) dataset, by id."""
+    """Experts of the active index version of every (or one) dataset ``principal`` may see, by id."""
     query = select(Expert).join(Dataset, _active())
     count = select(func.count()).select_from(Expert).join(Dataset, _active())
+    clause = visible_clause(principal)
+    if clause is not None:
+        query, count = query.where(clause), count.where(clause)
     if dataset_id is not None:
         query = query.where(Expert.dataset_id == dataset_id)
         count = count.where(Expert.dataset_id == dataset_id)
@@ -29,8 +34,8 @@ def list_experts(
     return list(rows), session.exec(count).one()
 
 
-def get_expert(*, session: Session, expert_id: int) -> Expert:
+def get_expert(*, session: Session, expert_id: int, principal: Principal = LOCAL) -> Expert:
     expert = session.get(Expert, expert_id)
-    if expert is None:
+    if expert is None or not can_see(session=session, principal=principal, dataset_id=expert.dataset_id):
         raise NotFoundError(f"no expert with id {expert_id}", hint="GET /v1/experts lists the current ones")
     return expert

@@ -65,6 +65,7 @@ class Dataset(DatasetBase, table=True):
     skipped: int = 0
     index_version: int = Field(default=0, description="Active index version; 0 = not indexed.")
     backbone: str | None = None
+    restricted: bool = Field(default=False, description="Only admins and the keys granted access see it.")
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
 
@@ -82,6 +83,7 @@ class DatasetPublic(DatasetBase):
     skipped: int
     index_version: int
     backbone: str | None
+    restricted: bool = False
     created_at: datetime
     updated_at: datetime
 
@@ -271,4 +273,51 @@ class Query(SQLModel, table=True):
     request: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     index_versions: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     summary: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    key_id: int | None = Field(default=None, description="The API key that made the query (None: open mode or the CLI).")
     created_at: datetime = Field(default_factory=utcnow)
+
+
+# --------------------------------------------------------------------------- access control
+
+
+class Role(str, enum.Enum):
+    admin = "admin"    # register, index and delete datasets, manage keys and grants
+    client = "client"  # read the catalog, download experts, query, export manifests
+
+
+class ApiKeyBase(SQLModel):
+    name: str = Field(max_length=128, unique=True)
+    role: Role
+
+
+class ApiKey(ApiKeyBase, table=True):
+    __tablename__ = "api_keys"
+    id: int | None = Field(default=None, primary_key=True)
+    prefix: str = Field(max_length=16, description="The key's first characters, to recognise it in listings.")
+    key_hash: str = Field(max_length=64, unique=True, description="sha256 of the key; the key itself is never stored.")
+    created_at: datetime = Field(default_factory=utcnow)
+    revoked_at: datetime | None = None
+
+
+class ApiKeyPublic(ApiKeyBase):
+    id: int
+    prefix: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class ApiKeyCreated(ApiKeyPublic):
+    key: str = Field(description="The secret, shown once: it cannot be read again.")
+
+
+class ApiKeysPublic(SQLModel):
+    data: list[ApiKeyPublic]
+    count: int
+
+
+class DatasetGrant(SQLModel, table=True):
+    """Key ``key_id`` may see restricted dataset ``dataset_id``."""
+
+    __tablename__ = "dataset_grants"
+    dataset_id: int = Field(foreign_key="datasets.id", primary_key=True, ondelete="CASCADE")
+    key_id: int = Field(foreign_key="api_keys.id", primary_key=True, ondelete="CASCADE")

@@ -40,6 +40,7 @@ import numpy as np
 from sqlalchemy import Connection, and_, bindparam, insert
 from sqlmodel import Session, select
 
+from catalog.access import LOCAL, Principal, visible_dataset_ids
 from catalog.context import CatalogContext
 from catalog.errors import ConflictError, InvalidInputError, NotFoundError
 from catalog.models import Assignment, Dataset, Expert, ExpertKind, Group, Query, Sample
@@ -167,11 +168,14 @@ _INSERT_QUERY = insert(Query)
 _DATASETS = select(Dataset.id, Dataset.name, Dataset.index_version).where(Dataset.id.in_(bindparam("ids", expanding=True)))
 
 
-def build_groups(ctx: CatalogContext, conn: Connection, request: QueryRequest) -> tuple[GroupTable, dict[int, int], dict[int, str], list[int]]:
+def build_groups(
+    ctx: CatalogContext, conn: Connection, request: QueryRequest, *, principal: Principal = LOCAL
+) -> tuple[GroupTable, dict[int, int], dict[int, str], list[int]]:
     """Resolve experts and datasets, take the G groups of the active index versions, compute masses.
 
     Returns the group table, the index version used per dataset, dataset names, and the
-    expert ids ignored (classifiers: they have no cluster).
+    expert ids ignored (classifiers: they have no cluster). Experts and datasets that
+    ``principal`` may not see are unknown to it.
     """
     temperature = request.temperature or DEFAULT_TEMPERATURE
     experts: dict[int, tuple[int, str, int | None, int]] = {}
@@ -180,6 +184,9 @@ def build_groups(ctx: CatalogContext, conn: Connection, request: QueryRequest) -
     if request.expert_scores:
         ids = list(request.expert_scores)
         rows = conn.execute(_EXPERTS_WITH_DATASETS, {"ids": ids}).all()  # experts and their datasets, one round trip
+        visible = visible_dataset_ids(session=conn, principal=principal, among=sorted({r[1] for r in rows}))
+        if visible is not None:
+            rows = [r for r in rows if r[1] in visible]
         experts = {r[0]: (r[1], str(getattr(r[2], "value", r[2])), r[3], r[4]) for r in rows}
         names.update((r[1], r[5]) for r in rows)
         versions.update((r[1], r[6]) for r in rows)
@@ -195,6 +202,9 @@ def build_groups(ctx: CatalogContext, conn: Connection, request: QueryRequest) -
     versions = {d: v for d, v in versions.items() if d in dataset_ids}
     if dataset_ids - set(names):  # datasets named only by label priors
         found = conn.execute(_DATASETS, {"ids": sorted(dataset_ids - set(names))}).all()
+        visible = visible_dataset_ids(session=conn, principal=principal, among=[r[0] for r in found])
+        if visible is not None:
+            found = [r for r in found if r[0] in visible]
         names.update((r[0], r[1]) for r in found)
         versions.update((r[0], r[2]) for r in found)
     missing = sorted(dataset_ids - set(names))
@@ -388,11 +398,12 @@ def summarize(table: GroupTable, picks: Picks, request: QueryRequest, datasets: 
 # --------------------------------------------------------------------------- queries
 
 
-def run_query(ctx: CatalogContext, request: QueryRequest) -> Query:
-    """Validate, weigh, sample, store the picks and the query; nothing is stored on bad input."""
+def run_query(ctx: CatalogContext, request: QueryRequest, *, principal: Principal = LOCAL) -> Query:
+    """Validate, weigh, sample, store the picks and the query; nothing is stored on bad input.
+    The query belongs to ``principal``'s key and sees only the datasets it may see."""
     validate_request(request, max_budget=ctx.settings.max_budget)
     with ctx.engine.connect() as conn:
-        table, versions, names, ignored = build_groups(ctx, conn, request)
+        table, versions, names, ignored = build_groups(ctx, conn, request, principal=principal)
     picks = sample_groups(table, request.budget, replacement=request.replacement, seed=request.seed)
     summary = summarize(table, picks, request, names, ignored)
     query = Query(
@@ -400,11 +411,12 @@ def run_query(ctx: CatalogContext, request: QueryRequest) -> Query:
         request=_request_json(request),
         index_versions={str(k): v for k, v in sorted(versions.items())},
         summary=summary,
+        key_id=principal.key_id,
     )
     save_picks(ctx, query.id, table, picks)
     with ctx.engine.begin() as conn:
         conn.execute(_INSERT_QUERY, {"id": query.id, "request": query.request, "index_versions": query.index_versions,
-                                     "summary": query.summary, "created_at": query.created_at})
+                                     "summary": query.summary, "key_id": query.key_id, "created_at": query.created_at})
     return query
 
 
@@ -480,10 +492,16 @@ def open_picks(ctx: CatalogContext, query_id: str) -> Iterator[tuple[GroupTable,
         yield table, total, read
 
 
-def get_query(*, session: Session, query_id: str) -> Query:
+def get_query(*, session: Session, query_id: str, principal: Principal = LOCAL) -> Query:
+    """A query, for admins and the key that made it, while that key may still see all its datasets."""
     query = session.get(Query, query_id)
+    if query is not None and not principal.is_admin:
+        datasets = [int(d) for d in query.index_versions]
+        visible = visible_dataset_ids(session=session, principal=principal, among=datasets)
+        if query.key_id != principal.key_id or (visible is not None and len(visible) < len(datasets)):
+            query = None
     if query is None:
-        raise NotFoundError(f"no query {query_id}")
+        raise NotFoundError(f"no query {query_id}", hint="queries are visible to the key that made them")
     return query
 
 

@@ -8,16 +8,25 @@ from typing import Any
 import numpy as np
 from sqlmodel import Session, select
 
+from catalog.access import LOCAL, Principal, visible_clause
 from catalog.context import CatalogContext
 from catalog.errors import InvalidInputError
 from catalog.models import Dataset, Sample
 
 
 def search(
-    ctx: CatalogContext, *, vectors: Sequence[Sequence[float]], k: int, datasets: Sequence[int] | None = None, backbone: str | None = None
+    ctx: CatalogContext, *, vectors: Sequence[Sequence[float]], k: int, datasets: Sequence[int] | None = None, backbone: str | None = None,
+    principal: Principal = LOCAL,
 ) -> dict[str, Any]:
+    """k nearest samples per vector among the indexed datasets ``principal`` may see."""
     with Session(ctx.engine) as session:
-        indexed = session.exec(select(Dataset).where(Dataset.index_version > 0)).all()
+        query = select(Dataset).where(Dataset.index_version > 0)
+        clause = visible_clause(principal)
+        if clause is not None:
+            query = query.where(clause)
+            if datasets is None:  # never search what this key may not see
+                datasets = [d.id for d in session.exec(query).all()]
+        indexed = session.exec(query).all()
         spaces = sorted({d.backbone for d in indexed if d.backbone})
         if backbone is None:
             pool = [d for d in indexed if datasets is None or d.id in datasets]

@@ -6,9 +6,9 @@ Built by :func:`load_settings` and passed to whatever needs them; nothing here i
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -29,6 +29,14 @@ class Settings(BaseSettings):
         default=6 * 3600,
         description="Seconds before the broker hands an unacknowledged job to another worker; longer than the longest training job.",
     )
+    qdrant_shards: int = Field(default=1, ge=1, le=1024, description="Shards of each collection created on a Qdrant server (use a multiple of the cluster's nodes).")
+    qdrant_replication_factor: int = Field(default=1, ge=1, le=16, description="Copies of each shard on a Qdrant cluster.")
+    auth: Literal["auto", "required"] = Field(
+        default="auto",
+        description="auto: API keys are required as soon as one exists (or NDS_ADMIN_KEY is set), the API is open until then; required: always.",
+    )
+    admin_key: SecretStr | None = Field(default=None, description="A bootstrap admin key (32+ characters) accepted besides the stored keys, e.g. for a deployment's first 'nds keys create'.")
+    max_body_bytes: int = Field(default=16 * 2**20, ge=1024, description="Largest request body the API accepts (413 above).")
     max_budget: int = Field(default=10_000_000, description="Largest budget a query may ask for.")
     page_limit: int = Field(default=1000, description="Largest page a list endpoint returns.")
     scan_workers: int = Field(default=8, description="Threads that read images while registering a source.")
@@ -42,6 +50,19 @@ class Settings(BaseSettings):
             parts = [p for chunk in value.split(",") for p in chunk.split(os.pathsep)]
             return [Path(p.strip()) for p in parts if p.strip()]
         return value
+
+    @field_validator("admin_key")
+    @classmethod
+    def _admin_key_length(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and value.get_secret_value() == "":
+            return None
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("NDS_ADMIN_KEY must be at least 32 characters (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+        return value
+
+    @property
+    def admin_key_value(self) -> str | None:
+        return self.admin_key.get_secret_value() if self.admin_key else None
 
     @property
     def server_mode(self) -> bool:

@@ -132,7 +132,10 @@ class VectorStore(ABC):
 def open_vector_store(settings: Settings) -> VectorStore:
     """The server store when ``NDS_QDRANT_URL`` is set, else the embedded store under NDS_HOME."""
     if settings.qdrant_url:
-        return QdrantServerStore(settings.qdrant_url, settings.qdrant_api_key)
+        return QdrantServerStore(
+            settings.qdrant_url, settings.qdrant_api_key,
+            shard_number=settings.qdrant_shards, replication_factor=settings.qdrant_replication_factor,
+        )
     return EdgeVectorStore(settings.vectors_path)
 
 

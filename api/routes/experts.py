@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import FileResponse
 
-from api.deps import CtxDep, LimitDep, OffsetDep, SessionDep
+from api.deps import CtxDep, LimitDep, OffsetDep, PrincipalDep, SessionDep
 from catalog.experts import get_expert, list_experts
 from catalog.models import ExpertKind, ExpertPublic, ExpertsPublic
 
@@ -17,19 +17,20 @@ router = APIRouter(prefix="/v1/experts", tags=["experts"])
 @router.get("", response_model=ExpertsPublic)
 def experts(
     session: SessionDep,
+    principal: PrincipalDep,
     dataset: Annotated[int | None, Query(description="Only this dataset's experts.")] = None,
     kind: Annotated[ExpertKind | None, Query(description="rotation or classifier.")] = None,
     offset: OffsetDep = 0,
     limit: LimitDep = 1000,
 ) -> ExpertsPublic:
     """Experts of every dataset's active index version."""
-    rows, count = list_experts(session=session, dataset_id=dataset, kind=kind, offset=offset, limit=limit)
+    rows, count = list_experts(session=session, dataset_id=dataset, kind=kind, offset=offset, limit=limit, principal=principal)
     return ExpertsPublic(data=[ExpertPublic.model_validate(e) for e in rows], count=count)
 
 
 @router.get("/{expert_id}", response_model=ExpertPublic)
-def expert(expert_id: int, session: SessionDep) -> ExpertPublic:
-    return ExpertPublic.model_validate(get_expert(session=session, expert_id=expert_id))
+def expert(expert_id: int, session: SessionDep, principal: PrincipalDep) -> ExpertPublic:
+    return ExpertPublic.model_validate(get_expert(session=session, expert_id=expert_id, principal=principal))
 
 
 @router.get(
@@ -41,10 +42,11 @@ def expert_model(
     expert_id: int,
     session: SessionDep,
     ctx: CtxDep,
+    principal: PrincipalDep,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     """The expert's ONNX file; the ETag is its sha256."""
-    found = get_expert(session=session, expert_id=expert_id)
+    found = get_expert(session=session, expert_id=expert_id, principal=principal)
     etag = f'"{found.sha256}"'
     if if_none_match and etag in {tag.strip() for tag in if_none_match.split(",")}:
         return Response(status_code=304, headers={"ETag": etag})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from api.deps import SessionDep
+from api.deps import AdminDep, SessionDep
 from catalog.jobs import get_job
 from catalog.models import JobPublic
 
@@ -12,6 +12,6 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def show_job(job_id: str, session: SessionDep) -> JobPublic:
+def show_job(job_id: str, session: SessionDep, _: AdminDep) -> JobPublic:
     """Status (queued, running, succeeded, failed), current step, progress 0..1, error, result."""
     return JobPublic.model_validate(get_job(session, job_id))

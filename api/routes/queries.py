@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query as Q, status
 from fastapi.responses import StreamingResponse
 
-from api.deps import CtxDep, LimitDep, OffsetDep, SessionDep
+from api.deps import CtxDep, LimitDep, OffsetDep, PrincipalDep, SessionDep
 from api.schemas import QueryBody, QueryPublic, SearchBody, SearchResult
 from catalog.errors import InvalidInputError, PluginError
 from catalog.retrieval import QueryRequest, get_query, iter_manifest, run_query
@@ -17,21 +17,21 @@ router = APIRouter(tags=["queries"])
 
 
 @router.post("/v1/queries", status_code=status.HTTP_201_CREATED, response_model=QueryPublic)
-def create_query(body: QueryBody, ctx: CtxDep) -> QueryPublic:
+def create_query(body: QueryBody, ctx: CtxDep, principal: PrincipalDep) -> QueryPublic:
     """Turn expert scores and label priors into weights and sample a budget (see README: the weights)."""
-    query = run_query(ctx, QueryRequest(**body.model_dump()))
+    query = run_query(ctx, QueryRequest(**body.model_dump()), principal=principal)
     return QueryPublic.model_validate(query, from_attributes=True)
 
 
 @router.get("/v1/queries/{query_id}", response_model=QueryPublic)
-def show_query(query_id: str, session: SessionDep) -> QueryPublic:
-    return QueryPublic.model_validate(get_query(session=session, query_id=query_id), from_attributes=True)
+def show_query(query_id: str, session: SessionDep, principal: PrincipalDep) -> QueryPublic:
+    return QueryPublic.model_validate(get_query(session=session, query_id=query_id, principal=principal), from_attributes=True)
 
 
 @router.get("/v1/queries/{query_id}/samples")
-def query_samples(query_id: str, session: SessionDep, ctx: CtxDep, offset: OffsetDep = 0, limit: LimitDep = 100) -> dict:
+def query_samples(query_id: str, session: SessionDep, ctx: CtxDep, principal: PrincipalDep, offset: OffsetDep = 0, limit: LimitDep = 100) -> dict:
     """A page of the selected samples (the manifest's rows)."""
-    query = get_query(session=session, query_id=query_id)
+    query = get_query(session=session, query_id=query_id, principal=principal)
     rows = [r.as_dict() for chunk in iter_manifest(ctx, query, offset=offset, limit=limit) for r in chunk]
     return {"data": rows, "count": query.summary["unique_samples"]}
 
@@ -45,6 +45,7 @@ def query_manifest(
     query_id: str,
     session: SessionDep,
     ctx: CtxDep,
+    principal: PrincipalDep,
     format: Annotated[str, Q(description="csv, jsonl, parquet or another installed exporter.")] = "csv",
 ) -> StreamingResponse:
     """The manifest, streamed: columns key, uri, label, dataset, cluster, weight, count."""
@@ -52,7 +53,7 @@ def query_manifest(
         exporter = ctx.exporters.get(format)()
     except PluginError as exc:
         raise InvalidInputError(exc.message, field="format", hint=exc.hint) from exc
-    query = get_query(session=session, query_id=query_id)
+    query = get_query(session=session, query_id=query_id, principal=principal)
     chunks = iter_manifest(ctx, query)
     first = next(chunks, [])  # fail before the response starts if the index version is gone
 
@@ -69,6 +70,6 @@ def query_manifest(
 
 
 @router.post("/v1/search", response_model=SearchResult, tags=["search"])
-def similar_samples(body: SearchBody, ctx: CtxDep) -> SearchResult:
+def similar_samples(body: SearchBody, ctx: CtxDep, principal: PrincipalDep) -> SearchResult:
     """k nearest source samples to each vector, optionally only in some datasets."""
-    return SearchResult.model_validate(search(ctx, vectors=body.vectors, k=body.k, datasets=body.datasets, backbone=body.backbone))
+    return SearchResult.model_validate(search(ctx, vectors=body.vectors, k=body.k, datasets=body.datasets, backbone=body.backbone, principal=principal))

@@ -1,0 +1,186 @@
+"""Access control: API keys with roles, and datasets restricted to named keys.
+
+Keys are ``nds_`` followed by 43 URL-safe characters (256 random bits from :mod:`secrets`).
+Only their sha256 is stored (a slow password hash buys nothing for secrets this long),
+with the first characters as a prefix to recognise a key in listings; the key itself is
+shown once, when it is created. Roles:
+
+- ``admin``: register, index and delete datasets, restrict them, manage keys, read jobs;
+- ``client``: read the catalog, download experts, query, export manifests, search.
+
+A **principal** is who is asking: a key's role and id, or :data:`LOCAL` (the operator on
+the catalog's own machine: the CLI, and the API while no key exists, the "open" mode the
+embedded default starts in). Admins and ``LOCAL`` see every dataset; a client sees the
+unrestricted datasets and the restricted ones granted to its key, and nothing of the
+others: not their rows, samples, clusters, experts, search hits or query results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, delete, or_, update
+from sqlalchemy.sql.elements import ColumnElement
+from sqlmodel import Session, select
+
+from catalog.errors import AuthenticationError, ConflictError, InvalidInputError, NotFoundError, PermissionDeniedError
+from catalog.models import ApiKey, Dataset, DatasetGrant, Role, utcnow
+
+KEY_PREFIX = "nds_"
+PREFIX_LENGTH = 12  # "nds_" + 8 characters
+KEY_NAME_MAX = 128
+
+
+@dataclass(frozen=True)
+class Principal:
+    role: Role
+    key_id: int | None = None
+    name: str = "local"
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == Role.admin
+
+
+#: the operator on the catalog's machine: the CLI, and the API while it runs open
+LOCAL = Principal(role=Role.admin, key_id=None, name="local")
+
+
+def hash_key(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def new_secret() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def create_key(*, session: Session, name: str, role: Role | str, secret: str | None = None) -> tuple[ApiKey, str]:
+    """Store a new key (its hash) and return it with the secret, which is never stored.
+
+    ``secret`` lets an operator install a key generated elsewhere (e.g. a deployment's
+    bootstrap key); it must be at least 32 characters."""
+    try:
+        role = Role(role)
+    except ValueError:
+        raise InvalidInputError(f"unknown role {role!r}", field="role", hint="admin or client") from None
+    name = (name or "").strip()
+    if not name or len(name) > KEY_NAME_MAX:
+        raise InvalidInputError("a key needs a name of 1 to 128 characters", field="name")
+    if secret is None:
+        secret = new_secret()
+    elif len(secret) < 32:
+        raise InvalidInputError("a key must be at least 32 characters long", field="key", hint="omit it to have one generated")
+    if session.exec(select(ApiKey.id).where(ApiKey.name == name)).first() is not None:
+        raise ConflictError(f"a key named {name!r} exists", hint="pick another name, or revoke that key first")
+    key = ApiKey(name=name, role=role, prefix=secret[:PREFIX_LENGTH], key_hash=hash_key(secret))
+    session.add(key)
+    session.flush()
+    return key, secret
+
+
+def list_keys(*, session: Session, include_revoked: bool = False) -> list[ApiKey]:
+    query = select(ApiKey).order_by(ApiKey.id)
+    if not include_revoked:
+        query = query.where(ApiKey.revoked_at.is_(None))
+    return list(session.exec(query).all())
+
+
+def find_key(*, session: Session, ref: str | int) -> ApiKey:
+    """A key by name, or by id when ``ref`` is a number that is not also a name."""
+    key = session.exec(select(ApiKey).where(ApiKey.name == str(ref))).first()
+    if key is None and str(ref).isdigit():
+        key = session.get(ApiKey, int(ref))
+    if key is None:
+        raise NotFoundError(f"no API key named {ref!r}", hint="'nds keys list' shows them")
+    return key
+
+
+def revoke_key(*, session: Session, ref: str | int) -> ApiKey:
+    key = find_key(session=session, ref=ref)
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+        session.add(key)
+        session.exec(delete(DatasetGrant).where(DatasetGrant.key_id == key.id))
+    return key
+
+
+def keys_exist(*, session: Session) -> bool:
+    return session.exec(select(ApiKey.id).where(ApiKey.revoked_at.is_(None)).limit(1)).first() is not None
+
+
+def authenticate(*, session: Session, secret: str, admin_key: str | None = None) -> Principal:
+    """The principal of a presented key; AuthenticationError for an unknown or revoked one."""
+    if admin_key and hmac.compare_digest(hash_key(secret), hash_key(admin_key)):
+        return Principal(role=Role.admin, key_id=None, name="NDS_ADMIN_KEY")
+    key = session.exec(select(ApiKey).where(ApiKey.key_hash == hash_key(secret))).first()
+    if key is None:
+        raise AuthenticationError("the API key is not valid", hint="ask an admin for a key ('nds keys create --role client')")
+    if key.revoked_at is not None:
+        raise AuthenticationError(f"the API key {key.prefix}... was revoked", hint="ask an admin for a new key")
+    return Principal(role=Role(key.role), key_id=key.id, name=key.name)
+
+
+def require_admin(principal: Principal, action: str) -> None:
+    if not principal.is_admin:
+        raise PermissionDeniedError(f"a {principal.role.value} key may not {action}", hint="this needs an admin key")
+
+
+# --------------------------------------------------------------------------- visibility
+
+
+def visible_clause(principal: Principal) -> ColumnElement[bool] | None:
+    """A condition on ``Dataset`` for the datasets ``principal`` may see (None: all of them)."""
+    if principal.is_admin:
+        return None
+    granted = select(DatasetGrant.dataset_id).where(DatasetGrant.key_id == principal.key_id)
+    return or_(Dataset.restricted.is_(False), Dataset.id.in_(granted))
+
+
+def visible_dataset_ids(*, session: Session | Connection, principal: Principal, among: Sequence[int] | None = None) -> set[int] | None:
+    """The ids ``principal`` may see (of ``among`` when given); None means every dataset (admins).
+    ``session`` may be a Session or a Core Connection."""
+    clause = visible_clause(principal)
+    if clause is None:
+        return None if among is None else set(among)
+    query = select(Dataset.id).where(clause)
+    if among is not None:
+        query = query.where(Dataset.id.in_(list(among)))
+    return set(session.execute(query).scalars().all())
+
+
+def can_see(*, session: Session, principal: Principal, dataset_id: int) -> bool:
+    visible = visible_dataset_ids(session=session, principal=principal, among=[dataset_id])
+    return visible is None or dataset_id in visible
+
+
+def set_access(*, session: Session, dataset_id: int, restricted: bool, keys: Sequence[str] = ()) -> tuple[Dataset, list[ApiKey]]:
+    """Restrict a dataset to the named keys (replacing earlier grants), or open it to every key."""
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None:
+        raise NotFoundError(f"no dataset with id {dataset_id}", hint="'nds datasets list' shows the registered ones")
+    if not restricted and keys:
+        raise InvalidInputError("grants only apply to a restricted dataset", field="keys", hint="pass restricted=true with the keys")
+    found: list[ApiKey] = []
+    for ref in dict.fromkeys(keys):
+        key = find_key(session=session, ref=ref)
+        if key.revoked_at is not None:
+            raise InvalidInputError(f"key {key.name!r} is revoked", field="keys")
+        found.append(key)
+    session.exec(update(Dataset).where(Dataset.id == dataset_id).values(restricted=restricted, updated_at=utcnow()))
+    session.exec(delete(DatasetGrant).where(DatasetGrant.dataset_id == dataset_id))
+    for key in found:
+        session.add(DatasetGrant(dataset_id=dataset_id, key_id=key.id))
+    session.flush()
+    session.refresh(dataset)
+    return dataset, found
+
+
+def granted_keys(*, session: Session, dataset_id: int) -> list[ApiKey]:
+    return list(session.exec(select(ApiKey).join(DatasetGrant, DatasetGrant.key_id == ApiKey.id).where(DatasetGrant.dataset_id == dataset_id).order_by(ApiKey.id)).all())
