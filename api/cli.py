@@ -97,6 +97,56 @@ def db_current() -> None:
         engine.dispose()
 
 
+@db_app.command("copy-to")
+@handles_errors
+def db_copy_to(
+    database_url: Annotated[str, typer.Option(help="SQLAlchemy URL of the target catalog, e.g. postgresql+psycopg://nds:PW@host/nds (an empty database).")],
+    artifacts_dir: Annotated[Path, typer.Option(help="Target artifact directory (the one every server-mode process shares).")],
+    qdrant_url: Annotated[str | None, typer.Option(help="Target Qdrant server; without it the vectors go to Qdrant Edge under --home.")] = None,
+    qdrant_api_key: Annotated[str | None, typer.Option(envvar="NDS_TARGET_QDRANT_API_KEY", help="API key of the target Qdrant.")] = None,
+    home: Annotated[Path | None, typer.Option(help="Target NDS_HOME (needed without --qdrant-url).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Copy this catalog (rows, vectors, artifacts) into an empty server-mode deployment.
+
+    The source is the catalog the NDS_* settings point at (usually the embedded default
+    under NDS_HOME); stop the processes that write to it first."""
+    from catalog.context import CatalogContext
+    from catalog.db import upgrade
+    from catalog.transfer import copy_catalog
+
+    if qdrant_url is None and home is None:
+        raise fail("give --qdrant-url (server mode) or --home (Qdrant Edge under that folder) for the vectors")
+    src_settings = settings()
+    target = load_settings(
+        database_url=database_url, qdrant_url=qdrant_url, qdrant_api_key=qdrant_api_key, artifacts_dir=artifacts_dir,
+        home=home or src_settings.home, broker_url=None, data_roots=src_settings.data_roots,
+        qdrant_shards=src_settings.qdrant_shards, qdrant_replication_factor=src_settings.qdrant_replication_factor,
+    )
+    if target.sqlalchemy_url == src_settings.sqlalchemy_url:
+        raise fail("the target database is the source database", "point --database-url at the new, empty catalog")
+    revision = upgrade(target)
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(), console=err, disable=as_json, transient=True)
+    with CatalogContext.open(src_settings) as source, CatalogContext.open(target) as dest, progress:
+        task = progress.add_task("copying", total=1)
+        report = copy_catalog(source, dest, progress=lambda stage, done, total: progress.update(task, description=stage, completed=done, total=max(total, 1)))
+    data = {"target": _safe_url(target.sqlalchemy_url), "revision": revision, "rows": report.rows, "points": report.points,
+            "files": report.files, "bytes": report.bytes, "files_kept": report.files_kept}
+    if as_json:
+        print_json(data)
+        return
+    table = Table(title=f"copied into {data['target']} (revision {revision})")
+    for col in ("what", "count"):
+        table.add_column(col)
+    for name, n in report.rows.items():
+        table.add_row(f"rows: {name}", f"{n:,}")
+    for name, n in report.points.items():
+        table.add_row(f"vectors: {name}", f"{n:,}")
+    table.add_row("artifact files", f"{report.files:,} ({report.bytes / 2**20:.1f} MiB); {report.files_kept} already there")
+    out.print(table)
+    out.print("next: point NDS_DATABASE_URL, NDS_QDRANT_URL and NDS_ARTIFACTS_DIR of the server-mode processes at the target", highlight=False)
+
+
 def _safe_url(url: str) -> str:
     from sqlalchemy.engine import make_url
 

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 
 class CatalogContext:
-    def __init__(self, settings: Settings, *, engine: Engine | None = None) -> None:
+    def __init__(self, settings: Settings, *, engine: Engine | None = None, vectors: VectorStore | None = None) -> None:
         self.settings = settings
         self.engine = engine or create_db_engine(settings)
         self.artifacts = ArtifactStore(settings.artifacts_path)
@@ -32,7 +32,7 @@ class CatalogContext:
         self.backbones: Registry = backbone_registry()
         self.exporters: Registry = exporter_registry()
         self.groups = GroupCache()
-        self._vectors: VectorStore | None = None
+        self._vectors: VectorStore | None = vectors  # given: the caller's (tests pass a qdrant-client local-mode store)
         self._vectors_lock = threading.Lock()
 
     @classmethod

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Throw-away PostgreSQL + Redis servers for the "server mode" tests.
 #
-#   tests/services.sh install             install postgresql / redis-server via apt if missing
+#   tests/services.sh install             install postgresql / redis-server (and docker-compose, to
+#                                         validate docker-compose.yml) via apt if missing
 #   tests/services.sh start DIR           start both on free 127.0.0.1 ports, state in DIR
 #   tests/services.sh stop DIR            stop both (by PID), leave DIR for the caller to delete
 #   tests/services.sh restart-postgres DIR
@@ -67,6 +68,11 @@ missing_pkgs() {
         pkgs+=(redis-server)          # pulls in redis-tools (redis-cli)
     elif ! redis_bin redis-cli >/dev/null; then
         pkgs+=(redis-tools)
+    fi
+    # `docker compose config` validates docker-compose.yml without a Docker engine; Debian's
+    # docker-compose gives the same check where the compose plugin is missing
+    if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null 2>&1; then
+        pkgs+=(docker-compose)
     fi
     echo "${pkgs[*]}"
 }
