@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Query, Request
+from fastapi import Depends, Path, Query, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session
 
@@ -31,6 +31,8 @@ def get_session(ctx: Annotated[CatalogContext, Depends(get_ctx)]) -> Iterator[Se
 CtxDep = Annotated[CatalogContext, Depends(get_ctx)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 SessionDep = Annotated[Session, Depends(get_session)]
+MAX_ID = 2**63 - 1  # ids are 64-bit integers in every catalog database
+IdPath = Annotated[int, Path(ge=0, le=MAX_ID, description="A catalog id.")]
 OffsetDep = Annotated[int, Query(ge=0, le=2**62, description="Rows to skip.")]
 LimitDep = Annotated[int, Query(ge=1, le=1000, description="Rows to return (at most 1000).")]
 

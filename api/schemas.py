@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from catalog.models import DatasetPublic
+
+Id = Annotated[int, Field(ge=0, le=2**63 - 1)]  # a catalog id (64-bit)
 
 
 class DatasetRegister(BaseModel):
@@ -50,12 +52,12 @@ class QueryBody(BaseModel):
     """POST /v1/queries."""
 
     model_config = ConfigDict(extra="forbid")
-    expert_scores: dict[int, float] = Field(default_factory=dict, description="Expert id -> score, from the client.", max_length=100_000)
-    label_priors: dict[int, dict[str, float]] | None = Field(default=None, description="Dataset id -> label -> P_t(y); each sums to 1 within 1e-3.")
+    expert_scores: dict[Id, float] = Field(default_factory=dict, description="Expert id -> score, from the client.", max_length=100_000)
+    label_priors: dict[Id, dict[str, float]] | None = Field(default=None, description="Dataset id -> label -> P_t(y); each sums to 1 within 1e-3.")
     budget: int = Field(description="Number of samples to select.", examples=[10_000])
     replacement: bool = Field(default=True, description="True: same distribution matcher (repeats); false: elastic, no repeats.")
     temperature: float | None = Field(default=None, description="Softmax temperature over normalised scores (default 0.1).")
-    datasets: list[int] | None = Field(default=None, description="Only select from these dataset ids.", max_length=10_000)
+    datasets: list[Id] | None = Field(default=None, description="Only select from these dataset ids.", max_length=10_000)
     seed: int = Field(default=0, ge=0, le=2**63 - 1)
     target_size: int | None = Field(default=None, ge=1, le=10**9, description="Number of target images (for the recommended recipe).")
     score_method: Literal["rotation", "linear-probe"] | None = Field(default=None, description="How the scores were computed.")
@@ -75,7 +77,7 @@ class SearchBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     vectors: list[list[float]] = Field(min_length=1, max_length=256, description="Query embeddings, in the space of `backbone`.")
     k: int = Field(default=10, ge=1, le=1000)
-    datasets: list[int] | None = Field(default=None, max_length=10_000)
+    datasets: list[Id] | None = Field(default=None, max_length=10_000)
     backbone: str | None = Field(default=None, description="Backbone version (embedding space); default: the space of the indexed datasets.")
 
 

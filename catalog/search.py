@@ -44,9 +44,14 @@ def search(
             if unknown:
                 raise InvalidInputError(f"unknown or unindexed dataset ids: {unknown}", field="datasets")
     collection = "emb-" + backbone
-    matrix = np.asarray(vectors, dtype=np.float32)
-    if matrix.ndim != 2:
+    if len({len(v) for v in vectors}) > 1:
         raise InvalidInputError("vectors must all have the same length", field="vectors")
+    matrix = np.asarray(vectors, dtype=np.float64)
+    if matrix.ndim != 2:
+        raise InvalidInputError("vectors must be a list of equal-length lists of numbers", field="vectors")
+    if not np.isfinite(matrix).all() or np.abs(matrix).max(initial=0.0) > np.finfo(np.float32).max:
+        raise InvalidInputError("vectors must hold finite numbers within float32's range", field="vectors")
+    matrix = matrix.astype(np.float32)
     results = []
     with ctx.vectors.session(collection):
         for vector in matrix:

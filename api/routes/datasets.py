@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from fastapi import APIRouter, Response, status
 
-from api.deps import AdminDep, CtxDep, DispatcherDep, LimitDep, OffsetDep, PrincipalDep, SessionDep
+from api.deps import IdPath, AdminDep, CtxDep, DispatcherDep, LimitDep, OffsetDep, PrincipalDep, SessionDep
 from api.schemas import DatasetAccess, DatasetAccessBody, DatasetRegister, DatasetRegistered, IndexBody
 from catalog import access
 from catalog.indexing import IndexRequest, restore_status, start_indexing
@@ -49,18 +49,18 @@ def list_datasets(session: SessionDep, principal: PrincipalDep, offset: OffsetDe
 
 
 @router.get("/{dataset_id}", response_model=DatasetPublic)
-def get_dataset(dataset_id: int, session: SessionDep, principal: PrincipalDep) -> DatasetPublic:
+def get_dataset(dataset_id: IdPath, session: SessionDep, principal: PrincipalDep) -> DatasetPublic:
     return DatasetPublic.model_validate(repo.get_dataset(session=session, dataset_id=dataset_id, principal=principal))
 
 
 @router.get("/{dataset_id}/samples", response_model=SamplesPublic)
-def list_samples(dataset_id: int, session: SessionDep, principal: PrincipalDep, offset: OffsetDep = 0, limit: LimitDep = 100) -> SamplesPublic:
+def list_samples(dataset_id: IdPath, session: SessionDep, principal: PrincipalDep, offset: OffsetDep = 0, limit: LimitDep = 100) -> SamplesPublic:
     rows, count = repo.list_samples(session=session, dataset_id=dataset_id, offset=offset, limit=limit, principal=principal)
     return SamplesPublic(data=[SamplePublic.model_validate(s) for s in rows], count=count)
 
 
 @router.post("/{dataset_id}/index", status_code=status.HTTP_202_ACCEPTED, response_model=JobPublic)
-def index_dataset(dataset_id: int, body: IndexBody, ctx: CtxDep, dispatcher: DispatcherDep, _: AdminDep) -> JobPublic:
+def index_dataset(dataset_id: IdPath, body: IndexBody, ctx: CtxDep, dispatcher: DispatcherDep, _: AdminDep) -> JobPublic:
     """Embed, cluster, train one rotation expert per cluster and a label classifier, export to ONNX."""
     job = start_indexing(ctx, dataset_id, IndexRequest(**body.model_dump()))
     submit_or_undo(ctx, dispatcher, job, undo=lambda: restore_status(ctx, dataset_id))
@@ -69,26 +69,26 @@ def index_dataset(dataset_id: int, body: IndexBody, ctx: CtxDep, dispatcher: Dis
 
 
 @router.get("/{dataset_id}/clusters", response_model=list[ClusterPublic])
-def list_clusters(dataset_id: int, session: SessionDep, principal: PrincipalDep) -> list[ClusterPublic]:
+def list_clusters(dataset_id: IdPath, session: SessionDep, principal: PrincipalDep) -> list[ClusterPublic]:
     """The clusters of the dataset's active index version."""
     return [ClusterPublic.model_validate(c) for c in repo.list_clusters(session=session, dataset_id=dataset_id, principal=principal)]
 
 
 @router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_dataset(dataset_id: int, ctx: CtxDep, _: AdminDep) -> Response:
+def delete_dataset(dataset_id: IdPath, ctx: CtxDep, _: AdminDep) -> Response:
     repo.delete_dataset(ctx=ctx, dataset_id=dataset_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.get("/{dataset_id}/access", response_model=DatasetAccess)
-def get_access(dataset_id: int, session: SessionDep, _: AdminDep) -> DatasetAccess:
+def get_access(dataset_id: IdPath, session: SessionDep, _: AdminDep) -> DatasetAccess:
     """Whether the dataset is restricted, and the keys that may see it."""
     dataset = repo.get_dataset(session=session, dataset_id=dataset_id)
     return DatasetAccess(dataset_id=dataset.id, restricted=dataset.restricted, keys=[k.name for k in access.granted_keys(session=session, dataset_id=dataset.id)])
 
 
 @router.put("/{dataset_id}/access", response_model=DatasetAccess)
-def set_access(dataset_id: int, body: DatasetAccessBody, ctx: CtxDep, _: AdminDep) -> DatasetAccess:
+def set_access(dataset_id: IdPath, body: DatasetAccessBody, ctx: CtxDep, _: AdminDep) -> DatasetAccess:
     """Restrict the dataset to the named keys (admins always see it), or open it to every key."""
     with session_scope(ctx.engine) as session:
         dataset, keys = access.set_access(session=session, dataset_id=dataset_id, restricted=body.restricted, keys=body.keys)

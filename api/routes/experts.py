@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import FileResponse
 
-from api.deps import CtxDep, LimitDep, OffsetDep, PrincipalDep, SessionDep
+from api.deps import MAX_ID, IdPath, CtxDep, LimitDep, OffsetDep, PrincipalDep, SessionDep
 from catalog.experts import get_expert, list_experts
 from catalog.models import ExpertKind, ExpertPublic, ExpertsPublic
 
@@ -18,7 +18,7 @@ router = APIRouter(prefix="/v1/experts", tags=["experts"])
 def experts(
     session: SessionDep,
     principal: PrincipalDep,
-    dataset: Annotated[int | None, Query(description="Only this dataset's experts.")] = None,
+    dataset: Annotated[int | None, Query(ge=0, le=MAX_ID, description="Only this dataset's experts.")] = None,
     kind: Annotated[ExpertKind | None, Query(description="rotation or classifier.")] = None,
     offset: OffsetDep = 0,
     limit: LimitDep = 1000,
@@ -29,7 +29,7 @@ def experts(
 
 
 @router.get("/{expert_id}", response_model=ExpertPublic)
-def expert(expert_id: int, session: SessionDep, principal: PrincipalDep) -> ExpertPublic:
+def expert(expert_id: IdPath, session: SessionDep, principal: PrincipalDep) -> ExpertPublic:
     return ExpertPublic.model_validate(get_expert(session=session, expert_id=expert_id, principal=principal))
 
 
@@ -39,7 +39,7 @@ def expert(expert_id: int, session: SessionDep, principal: PrincipalDep) -> Expe
     responses={200: {"content": {"application/octet-stream": {}}}, 304: {"description": "Not modified (If-None-Match)"}},
 )
 def expert_model(
-    expert_id: int,
+    expert_id: IdPath,
     session: SessionDep,
     ctx: CtxDep,
     principal: PrincipalDep,

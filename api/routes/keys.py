@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 
-from api.deps import AdminDep, CtxDep, SessionDep
+from api.deps import IdPath, AdminDep, CtxDep, SessionDep
 from api.schemas import KeyCreate
 from catalog import access
 from catalog.db import session_scope
@@ -28,7 +28,7 @@ def list_keys(session: SessionDep, _: AdminDep, include_revoked: bool = False) -
 
 
 @router.delete("/{key_id}", response_model=ApiKeyPublic)
-def revoke_key(key_id: int, ctx: CtxDep, _: AdminDep) -> ApiKeyPublic:
+def revoke_key(key_id: IdPath, ctx: CtxDep, _: AdminDep) -> ApiKeyPublic:
     """Revoke a key: it stops working at once and loses its dataset grants."""
     with session_scope(ctx.engine) as session:
         return ApiKeyPublic.model_validate(access.revoke_key(session=session, ref=key_id))
