@@ -3,8 +3,9 @@
 Validation runs before anything is stored (bad name, unknown source plugin, missing or
 unreadable path, a path outside the data roots, an empty source) so a bad request
 changes nothing. The job reads, hashes and decodes every image on a thread pool,
-skipping and counting unreadable ones, and stores all samples in one transaction; if it
-fails, the dataset row is removed, so a registration is either complete or absent.
+skipping and counting unreadable ones, and stores the samples batch by batch while the
+dataset is 'registering'; if it fails (or its process dies) the dataset and its rows are
+removed, so a registration is either complete or absent.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ from plugins.sources.base import Source, SourceItem
 log = logging.getLogger(__name__)
 
 MAX_LISTED_SKIPS = 1000
+BATCH = 4096  # source items read, scanned and stored at a time
 MAX_IMAGE_PIXELS = 1 << 28  # refuse decompression bombs well above any real photo
 
 
@@ -103,7 +106,14 @@ def start_registration(ctx: CatalogContext, request: RegistrationRequest) -> tup
 
 
 def run_registration(ctx: CatalogContext, job: Job, report: JobReporter) -> dict[str, Any]:
-    """The job: scan, decode and store every sample of the job's dataset."""
+    """The job: scan, decode and store every sample of the job's dataset.
+
+    Streams: the source is read, scanned and stored :data:`BATCH` items at a time, so a
+    manifest of millions of rows needs bounded memory, and each batch is committed so the
+    catalog is never locked for the whole scan. The dataset stays ``registering`` (not
+    ready for indexing or queries) until the last batch is in; if the job fails, or its
+    process dies, its rows are removed (here, or by the next process that starts), so a
+    registration is either complete or absent."""
     dataset_id = job.dataset_id
     try:
         with session_scope(ctx.engine) as session:
@@ -111,40 +121,44 @@ def run_registration(ctx: CatalogContext, job: Job, report: JobReporter) -> dict
             if dataset is None:
                 raise JobFailed(f"dataset {dataset_id} no longer exists")
             name, uri, source_name = dataset.name, dataset.uri, dataset.source
-        report.step("scan", start=0.0, end=0.95)
-        items = list(open_source(ctx, source_name, Path(uri)).items())
-        scanned = scan_items(items, ctx.data_roots, workers=ctx.settings.scan_workers, progress=report.progress)
-        good = [s for s in scanned if s.skipped is None]
-        skipped = [s for s in scanned if s.skipped is not None]
-        reasons = Counter(s.skipped for s in skipped)
-        if not good:
+            session.exec(delete(Sample).where(Sample.dataset_id == dataset_id))  # a redelivered job starts clean
+        report.step("scan", start=0.0, end=1.0)
+        total = max(int((job.params or {}).get("candidates") or 0), 1)
+        stored, seen = 0, 0
+        labels: set[str] = set()
+        reasons: Counter[str] = Counter()
+        listed: list[dict[str, str]] = []
+        items = open_source(ctx, source_name, Path(uri)).items()
+        with ThreadPoolExecutor(max_workers=max(ctx.settings.scan_workers, 1), thread_name_prefix="nds-scan") as pool:
+            while batch := list(islice(items, BATCH)):
+                scanned = scan_batch(pool, batch, seen, ctx.data_roots)
+                seen += len(batch)
+                rows = []
+                for s in scanned:
+                    if s.skipped is not None:
+                        reasons[s.skipped] += 1
+                        if len(listed) < MAX_LISTED_SKIPS:
+                            listed.append({"uri": s.uri, "reason": s.skipped})
+                        continue
+                    if s.label is not None:
+                        labels.add(s.label)
+                    rows.append({"dataset_id": dataset_id, "position": stored + len(rows), "uri": s.uri, "label": s.label,
+                                 "width": s.width, "height": s.height, "byte_size": s.byte_size, "sha256": s.sha256})
+                if rows:
+                    with session_scope(ctx.engine) as session:
+                        session.execute(insert(Sample), rows)
+                    stored += len(rows)
+                report.progress(min(seen / total, 1.0))
+        skipped = sum(reasons.values())
+        if stored == 0:
             detail = ", ".join(f"{n} {r}" for r, n in reasons.most_common()) or "no files"
             raise JobFailed(f"no readable images in {uri} ({detail})")
-        report.step("store", start=0.95, end=1.0)
-        labels = sorted({s.label for s in good if s.label is not None})
         with session_scope(ctx.engine) as session:
-            session.exec(delete(Sample).where(Sample.dataset_id == dataset_id))  # a redelivered job starts clean
-            session.execute(
-                insert(Sample),
-                [
-                    {
-                        "dataset_id": dataset_id,
-                        "position": i,
-                        "uri": s.uri,
-                        "label": s.label,
-                        "width": s.width,
-                        "height": s.height,
-                        "byte_size": s.byte_size,
-                        "sha256": s.sha256,
-                    }
-                    for i, s in enumerate(good)
-                ],
-            )
             dataset = session.get(Dataset, dataset_id)
-            dataset.num_samples = len(good)
+            dataset.num_samples = stored
             dataset.num_labels = len(labels)
-            dataset.labels = labels
-            dataset.skipped = len(skipped)
+            dataset.labels = sorted(labels)
+            dataset.skipped = skipped
             dataset.status = DatasetStatus.ready
             dataset.updated_at = utcnow()
     except BaseException:
@@ -153,11 +167,11 @@ def run_registration(ctx: CatalogContext, job: Job, report: JobReporter) -> dict
     return {
         "dataset_id": dataset_id,
         "name": name,
-        "num_samples": len(good),
+        "num_samples": stored,
         "num_labels": len(labels),
-        "skipped": len(skipped),
+        "skipped": skipped,
         "skipped_reasons": dict(reasons),
-        "skipped_files": [{"uri": s.uri, "reason": s.skipped} for s in skipped[:MAX_LISTED_SKIPS]],
+        "skipped_files": listed,
     }
 
 
@@ -183,16 +197,13 @@ def remove_interrupted_registrations(ctx: CatalogContext) -> list[str]:
     return names
 
 
-def scan_items(items: list[SourceItem], roots: list[Path], *, workers: int, progress=None) -> list[ScannedImage]:  # noqa: ANN001
-    """Read, hash and decode every item on a thread pool, in order."""
-    total = max(len(items), 1)
-    out: list[ScannedImage] = []
-    with ThreadPoolExecutor(max_workers=max(workers, 1), thread_name_prefix="nds-scan") as pool:
-        for i, scanned in enumerate(pool.map(lambda a: scan_one(*a, roots), enumerate(items), chunksize=64)):
-            out.append(scanned)
-            if progress is not None and (i % 256 == 0 or i + 1 == total):
-                progress((i + 1) / total)
-    return out
+def scan_batch(pool: ThreadPoolExecutor, items: list[SourceItem], first: int, roots: list[Path], chunk: int = 64) -> list[ScannedImage]:
+    """``scan_one`` over ``items`` (positions from ``first``), in order, ``chunk`` items per
+    thread-pool task: a task per item costs more than the whole check of a missing file."""
+    def run(start: int) -> list[ScannedImage]:
+        return [scan_one(first + start + i, item, roots) for i, item in enumerate(items[start : start + chunk])]
+
+    return [s for part in pool.map(run, range(0, len(items), chunk)) for s in part]
 
 
 def scan_one(position: int, item: SourceItem, roots: list[Path]) -> ScannedImage:

@@ -5,6 +5,7 @@ Built by :func:`load_settings` and passed to whatever needs them; nothing here i
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -39,7 +40,10 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=16 * 2**20, ge=1024, description="Largest request body the API accepts (413 above).")
     max_budget: int = Field(default=10_000_000, description="Largest budget a query may ask for.")
     page_limit: int = Field(default=1000, description="Largest page a list endpoint returns.")
-    scan_workers: int = Field(default=8, description="Threads that read images while registering a source.")
+    scan_workers: int = Field(
+        default_factory=lambda: min(8, os.cpu_count() or 1), ge=1, le=256,
+        description="Threads that read and decode images while registering a source (default: the cores, at most 8).",
+    )
 
     @field_validator("data_roots", mode="before")
     @classmethod
