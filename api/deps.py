@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Path, Query, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session
 
 from catalog.access import LOCAL, Principal, authenticate, keys_exist, require_admin
 from catalog.context import CatalogContext
 from catalog.errors import AuthenticationError
 from catalog.jobs import Dispatcher
+
+
+log = logging.getLogger("nds.api")
 
 
 def get_ctx(request: Request) -> CatalogContext:
@@ -24,8 +29,16 @@ def get_dispatcher(request: Request) -> Dispatcher:
 
 
 def get_session(ctx: Annotated[CatalogContext, Depends(get_ctx)]) -> Iterator[Session]:
-    with Session(ctx.engine, expire_on_commit=False) as session:
+    session = Session(ctx.engine, expire_on_commit=False)
+    try:
         yield session
+    finally:
+        try:
+            session.close()
+        except DBAPIError:
+            # the connection died under the request (the database restarted): the pool
+            # discards it; failing here, after the answer was made, would drop the answer
+            log.info("discarded a catalog connection that died during a request", exc_info=True)
 
 
 CtxDep = Annotated[CatalogContext, Depends(get_ctx)]

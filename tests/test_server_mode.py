@@ -118,3 +118,116 @@ def test_index_on_the_worker_survives_a_killed_worker(server_settings, worker):
         assert sorted(ctx.artifacts.path(e.artifact).name for e in rows) == files
     finally:
         ctx.close()
+
+
+def test_redis_down_new_jobs_503_reads_served_then_recovers(services, server_settings, worker):
+    """With the broker down the API refuses new jobs with a clear 503 (and stores nothing),
+    keeps serving reads, and takes jobs again once Redis is back."""
+    from api.app import create_app
+
+    folder = write_images(server_settings.data_roots[0] / "redis-src", n=3)
+    with TestClient(create_app(server_settings)) as api:
+        before = api.get("/v1/datasets").json()["count"]
+        services.stop_redis()
+        try:
+            refused = api.post("/v1/datasets", json={"name": "redis-src", "path": str(folder)})
+            assert refused.status_code == 503, refused.text
+            body = refused.json()
+            assert "broker" in body["detail"] and "Redis" in body["hint"]
+            listed = api.get("/v1/datasets")  # reads keep working
+            assert listed.status_code == 200 and listed.json()["count"] == before  # nothing half-registered
+            assert api.get("/healthz").status_code == 200
+        finally:
+            services.start_redis()
+        deadline = time.monotonic() + 60
+        while True:  # the API's broker connection comes back on the next try
+            created = api.post("/v1/datasets", json={"name": "redis-src", "path": str(folder)})
+            if created.status_code == 201 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert created.status_code == 201, created.text
+        job = wait_job(api, created.json()["job_id"], timeout=120)  # and the worker reconnected to the new Redis
+        assert job["status"] == "succeeded", job
+        assert api.get(f"/v1/datasets/{created.json()['id']}").json()["num_samples"] == 6
+
+
+def test_postgres_restart_under_load_fails_cleanly_then_recovers(services, server_settings, tmp_path):
+    """A real `nds serve` in server mode under concurrent queries and reads while PostgreSQL
+    restarts: every answer is a success or a JSON 503, never a 500, and it recovers."""
+    import threading
+    from collections import Counter
+
+    import httpx
+
+    from catalog.context import CatalogContext
+    from catalog.synthetic import add_indexed_dataset
+
+    with CatalogContext.open(server_settings) as ctx:
+        ds = add_indexed_dataset(ctx, "pg-load", clusters=3, labels=["x", "y"], samples_per_group=20)
+    scores = {str(e): 0.4 + 0.1 * c for c, e in ds.expert_ids.items()}
+    env = server_env(server_settings)
+    port = _free_port()
+    nds_bin = os.path.join(os.path.dirname(sys.executable), "nds")
+    proc = subprocess.Popen([nds_bin, "serve", "--port", str(port), "--log-level", "warning"], env=env,
+                            stdout=(tmp_path / "serve.log").open("wb"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    statuses: Counter = Counter()
+    bad: list[str] = []
+    stop = threading.Event()
+
+    def client(seed: int) -> None:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                try:
+                    if i % 2:
+                        r = http.post("/v1/queries", json={"expert_scores": scores, "budget": 50, "seed": seed * 10_000 + i})
+                    else:
+                        r = http.get("/v1/datasets")
+                except httpx.TransportError as exc:
+                    bad.append(f"transport error: {exc!r}")
+                    continue
+                statuses[r.status_code] += 1
+                if r.status_code not in (200, 201, 503):
+                    bad.append(f"{r.status_code}: {r.text[:200]}")
+                elif r.status_code == 503 and "database" not in r.json()["detail"]:
+                    bad.append(f"503 without saying why: {r.text[:200]}")
+
+    try:
+        for _ in range(200):
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(2)
+        served_before = sum(statuses.values())
+        services.restart_postgres()
+        time.sleep(3)
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+        assert served_before > 0 and sum(statuses.values()) > served_before
+        assert not bad, (bad[:5], (tmp_path / "serve.log").read_text()[-3000:])
+        # after the restart every request succeeds again
+        with httpx.Client(base_url=url, timeout=30) as http:
+            for i in range(10):
+                assert http.get("/v1/datasets").status_code == 200
+                assert http.post("/v1/queries", json={"expert_scores": scores, "budget": 50, "seed": i}).status_code == 201
+        print(f"\nPostgreSQL restart under load: {dict(statuses)}")
+    finally:
+        stop.set()
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

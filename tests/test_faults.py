@@ -1,0 +1,156 @@
+"""Faults on the embedded default: the API process killed during a registration, and a full
+disk while an index job writes its artifacts. Nothing half-written may survive either.
+(Server-mode faults, a killed worker, Redis down and PostgreSQL restarted under load, are in
+test_server_mode.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from sqlalchemy import create_engine, text
+
+from tests.conftest import write_images
+
+NDS = os.path.join(os.path.dirname(sys.executable), "nds")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`nds serve` in its own process (embedded default), started and killed like a real one."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.env, self.log, self.port, self.proc = env, log, free_port(), None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([NDS, "serve", "--port", str(self.port), "--log-level", "warning"], env=self.env,
+                                     stdout=self.log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        for _ in range(200):
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.05)
+        raise AssertionError(f"nds serve did not start: {self.log.read_text()[-2000:]}")
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=20)
+
+
+def catalog_rows(home: Path) -> dict[str, list]:
+    engine = create_engine(f"sqlite:///{home / 'catalog.db'}")
+    try:
+        with engine.connect() as conn:
+            return {
+                "datasets": conn.execute(text("SELECT name, status FROM datasets")).all(),
+                "samples": conn.execute(text("SELECT count(*) FROM samples")).scalar_one(),
+                "jobs": conn.execute(text("SELECT id, status, error FROM jobs")).all(),
+            }
+    finally:
+        engine.dispose()
+
+
+def test_api_killed_during_registration_leaves_the_dataset_complete_or_absent(cli_env, data_root, tmp_path):
+    folder = data_root / "big"
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (folder / label).mkdir(parents=True)
+        for i in range(5000):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / label / f"{i}.png", compress_level=0)
+    env = {**os.environ, **cli_env, "NDS_SCAN_WORKERS": "1"}
+    home = Path(cli_env["NDS_HOME"])
+    subprocess.run([NDS, "db", "upgrade"], env=env, check=True, capture_output=True)
+    server = Server(env, tmp_path / "server.log")
+    server.start()
+    try:
+        job_id = httpx.post(f"{server.url}/v1/datasets", json={"name": "big", "path": str(folder)}).json()["job_id"]
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # past the first committed batch, before the end
+            job = httpx.get(f"{server.url}/v1/jobs/{job_id}").json()
+            if job["status"] == "running" and job["progress"] > 0.45:
+                break
+            time.sleep(0.01)
+        else:
+            raise AssertionError(f"the registration never got half-way: {job}")
+        server.kill()
+        during = catalog_rows(home)
+        assert during["datasets"] == [("big", "registering")]
+        assert 0 < during["samples"] < 10_000, during["samples"]  # killed with a part of the samples stored
+
+        server.start()  # the next process removes what the dead one left
+        after = catalog_rows(home)
+        assert after["datasets"] == [] and after["samples"] == 0, after
+        assert after["jobs"][0][1] == "failed" and "interrupted" in after["jobs"][0][2]
+        assert httpx.get(f"{server.url}/v1/datasets").json()["count"] == 0
+
+        again = httpx.post(f"{server.url}/v1/datasets", json={"name": "big", "path": str(folder)})
+        assert again.status_code == 201, again.text
+        for _ in range(1200):
+            job = httpx.get(f"{server.url}/v1/jobs/{again.json()['job_id']}").json()
+            if job["status"] in ("succeeded", "failed"):
+                break
+            time.sleep(0.1)
+        assert job["status"] == "succeeded", job
+        assert catalog_rows(home)["samples"] == 10_000
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 600 KiB tmpfs (room for the default backbone, not for one more network)."""
+    mount = tmp_path / "tiny-disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs to fill up needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_while_writing_artifacts_fails_the_job_and_leaves_no_partial_file(cli_env, data_root, tiny_disk):
+    env = {**os.environ, **cli_env, "NDS_ARTIFACTS_DIR": str(tiny_disk)}
+    write_images(data_root / "src", n=12, size=32)
+    for args in (["db", "upgrade"], ["datasets", "add", "src", str(data_root / "src")]):
+        subprocess.run([NDS, *args], env=env, check=True, capture_output=True)
+    done = subprocess.run([NDS, "index", "src", "--clusters", "2", "--epochs", "1", "--min-steps", "2", "--image-size", "32"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1
+    assert "No space left on device" in done.stderr, done.stderr
+    files = sorted(str(p.relative_to(tiny_disk)) for p in tiny_disk.rglob("*") if p.is_file())
+    assert not [f for f in files if ".tmp-" in f], files  # no temp file left behind
+    assert not [f for f in files if f.startswith("experts/")], files  # no half-written expert
+    shown = subprocess.run([NDS, "datasets", "show", "src", "--json"], env=env, capture_output=True, text=True, check=True).stdout
+    assert '"status": "ready"' in shown and '"index_version": 0' in shown  # back to where it was
+    listed = subprocess.run([NDS, "experts", "list", "--json"], env=env, capture_output=True, text=True, check=True).stdout
+    assert json.loads(listed)["count"] == 0
