@@ -46,6 +46,7 @@ from catalog.errors import ConflictError, InvalidInputError, NotFoundError
 from catalog.models import Assignment, Dataset, Expert, ExpertKind, Group, Query, Sample
 
 DEFAULT_TEMPERATURE = 0.1
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3  # normalised scores lie in [0, 1]: exp(1 / T) stays finite
 PRIOR_TOLERANCE = 1e-3
 LARGE_TARGET = 1000          # images: above this, fine-tuning beats a linear probe (cs231n)
 SIMILAR_ROTATION_SCORE = 0.5  # rotation accuracy (chance 0.25) above which the domain counts as similar
@@ -120,8 +121,9 @@ def validate_request(request: QueryRequest, *, max_budget: int) -> None:
         raise _field_error(f"budget must be at least 1, got {request.budget!r}", "budget")
     if request.budget > max_budget:
         raise _field_error(f"budget {request.budget} is above the server's cap of {max_budget}", "budget", "ask for fewer samples or raise NDS_MAX_BUDGET")
-    if request.temperature is not None and (not math.isfinite(request.temperature) or request.temperature <= 0):
-        raise _field_error(f"temperature must be a positive number, got {request.temperature!r}", "temperature")
+    if request.temperature is not None and (not math.isfinite(request.temperature) or not MIN_TEMPERATURE <= request.temperature <= MAX_TEMPERATURE):
+        raise _field_error(f"temperature must be between {MIN_TEMPERATURE} and {MAX_TEMPERATURE}, got {request.temperature!r}", "temperature",
+                           f"the default is {DEFAULT_TEMPERATURE}; lower values put more mass on the best cluster")
     if not request.expert_scores and not request.label_priors:
         raise _field_error("give expert_scores, label_priors or both", "expert_scores", "score the experts with 'nds score' first")
     for expert_id, score in request.expert_scores.items():
