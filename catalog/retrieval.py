@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple
 
 import numpy as np
-from sqlalchemy import Connection, and_, bindparam, insert
+from sqlalchemy import Connection, bindparam, insert, tuple_
 from sqlmodel import Session, select
 
 from catalog.access import LOCAL, Principal, visible_dataset_ids
@@ -529,45 +529,77 @@ class ManifestRow(NamedTuple):
 def iter_manifest(ctx: CatalogContext, query: Query, *, offset: int = 0, limit: int | None = None, chunk: int = 2000) -> Iterator[list[ManifestRow]]:
     """The query's picks as manifest rows, in a fixed order (group, then rank), chunk by chunk.
 
-    Reads ``chunk`` picks at a time from the picks file and resolves them with one indexed
-    lookup per group in the chunk; memory stays bounded whatever the number of rows.
+    Reads ``chunk`` picks at a time from the picks file and resolves them with a few indexed
+    lookups: a rank range for each group with many nearly consecutive picks, and one
+    row-value ``IN`` per dataset for the picks scattered over the other groups (a budget
+    spread over a thousand groups costs a handful of round trips, not a thousand). Memory
+    stays bounded whatever the number of rows.
     """
     versions = {int(k): int(v) for k, v in query.index_versions.items()}
     with open_picks(ctx, query.id) as (table, total, read), Session(ctx.engine) as session:
         names = {d.id: d.name for d in session.exec(select(Dataset).where(Dataset.id.in_(list(versions)))).all()}
         _check_versions_exist(session, versions, names)
         weights = table.weight
+        group_of = {(int(d), int(c), lab): g for g, (d, c, lab) in enumerate(zip(table.dataset_id.tolist(), table.cluster.tolist(), table.label))}
         stop = total if limit is None else min(total, offset + limit)
         for start in range(offset, stop, chunk):
             picks = read(start, min(start + chunk, stop))
-            rows: list[ManifestRow] = []
+            found: dict[tuple[int, int], tuple[int, str, str | None]] = {}  # (group, rank) -> (sample id, uri, label)
+            scattered: dict[int, list[tuple[int, list[int]]]] = {}          # dataset -> [(group, ranks)]
             bounds = np.flatnonzero(np.diff(picks.group)) + 1  # picks are sorted by group
             for lo, hi in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(picks.group)]])):
                 g = int(picks.group[lo])
                 ranks = picks.rank[lo:hi].tolist()
-                counts = dict(zip(ranks, picks.count[lo:hi].tolist()))
-                d, c, lab = int(table.dataset_id[g]), int(table.cluster[g]), table.label[g]
-                label_cond = Assignment.label.is_(None) if lab is None else Assignment.label == lab
-                found = session.exec(
-                    select(Assignment.rank, Sample.id, Sample.uri, Sample.label)
-                    .join(Sample, Sample.id == Assignment.sample_id)
-                    .where(and_(Assignment.dataset_id == d, Assignment.index_version == versions[d], Assignment.cluster == c, label_cond,
-                                Assignment.rank.between(ranks[0], ranks[-1]) if len(ranks) > 64 and ranks[-1] - ranks[0] < 4 * len(ranks)
-                                else Assignment.rank.in_(ranks)))
-                    .order_by(Assignment.rank)
-                ).all()
-                name, weight = names[d], float(weights[g])
-                rows.extend(
-                    ManifestRow(f"{name}/{sid}", uri, slabel, name, c, weight, counts[rank])
-                    for rank, sid, uri, slabel in found if rank in counts
-                )
+                d = int(table.dataset_id[g])
+                if len(ranks) > 64 and ranks[-1] - ranks[0] < 4 * len(ranks):  # dense: one range scan
+                    lab = table.label[g]
+                    for rank, sid, uri, slabel in session.exec(
+                        _ASSIGNED.where(Assignment.dataset_id == d, Assignment.index_version == versions[d],
+                                        Assignment.cluster == int(table.cluster[g]),
+                                        Assignment.label.is_(None) if lab is None else Assignment.label == lab,
+                                        Assignment.rank.between(ranks[0], ranks[-1]))
+                    ).all():
+                        found[(g, rank)] = (sid, uri, slabel)
+                else:
+                    scattered.setdefault(d, []).append((g, ranks))
+            for d, groups in scattered.items():
+                labelled = [(int(table.cluster[g]), table.label[g], r) for g, ranks in groups if table.label[g] is not None for r in ranks]
+                unlabelled = [(int(table.cluster[g]), r) for g, ranks in groups if table.label[g] is None for r in ranks]
+                where = (Assignment.dataset_id == d, Assignment.index_version == versions[d])
+                results = []
+                if labelled:
+                    results += session.exec(
+                        _ASSIGNED_BY_GROUP.where(*where, tuple_(Assignment.cluster, Assignment.label, Assignment.rank).in_(labelled))
+                    ).all()
+                if unlabelled:
+                    results += session.exec(
+                        _ASSIGNED_BY_GROUP.where(*where, Assignment.label.is_(None), tuple_(Assignment.cluster, Assignment.rank).in_(unlabelled))
+                    ).all()
+                for cluster, label, rank, sid, uri, slabel in results:
+                    found[(group_of[(d, cluster, label)], rank)] = (sid, uri, slabel)
+            rows: list[ManifestRow] = []
+            for g, rank, count in zip(picks.group.tolist(), picks.rank.tolist(), picks.count.tolist()):
+                hit = found.get((g, rank))
+                if hit is not None:
+                    name = names[int(table.dataset_id[g])]
+                    rows.append(ManifestRow(f"{name}/{hit[0]}", hit[1], hit[2], name, int(table.cluster[g]), float(weights[g]), count))
             yield rows
 
 
+_ASSIGNED = select(Assignment.rank, Sample.id, Sample.uri, Sample.label).join(Sample, Sample.id == Assignment.sample_id)
+_ASSIGNED_BY_GROUP = select(Assignment.cluster, Assignment.label, Assignment.rank, Sample.id, Sample.uri, Sample.label).join(
+    Sample, Sample.id == Assignment.sample_id
+)
+
+
 def _check_versions_exist(session: Session, versions: dict[int, int], names: dict[int, str]) -> None:
-    for did, version in versions.items():
+    for did in versions:
         if did not in names:
             raise ConflictError(f"dataset {did} of this query was deleted", hint="run the query again")
-        present = session.exec(select(Group.id).where(Group.dataset_id == did, Group.index_version == version).limit(1)).first()
-        if present is None:
+    pairs = list(versions.items())
+    present = set(session.exec(
+        select(Group.dataset_id, Group.index_version).where(tuple_(Group.dataset_id, Group.index_version).in_(pairs)).distinct()
+    ).all())
+    for did, version in pairs:
+        if (did, version) not in present:
             raise ConflictError(f"index version {version} of dataset {names[did]!r} is gone (re-indexed twice since)", hint="run the query again")

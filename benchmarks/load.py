@@ -1,0 +1,188 @@
+"""Load: concurrent clients sending queries and downloading manifests, server mode on PostgreSQL.
+
+    .venv/bin/python -m benchmarks.load [--clients 32] [--seconds 60] [--api-workers 2]
+
+Starts a throw-away PostgreSQL and Redis on free loopback ports (``tests/services.sh``,
+installed with apt-get when missing), migrates a catalog there and fills it with a
+synthetic indexed catalog (10 datasets x 10 clusters x 10 labels, 100,000 samples with
+their rows), creates a ``client`` API key, and starts ``nds serve --workers N`` on
+127.0.0.1. Then ``--clients`` asyncio clients, each in a loop for ``--seconds``:
+``POST /v1/queries`` (budget 1,000, a fresh seed, every rotation expert scored) and
+``GET /v1/queries/{id}/manifest?format=csv``, read to the end. Every request is timed;
+anything but 201/200 (or a transport error) counts as an error. A table of requests/s,
+p50/p99 and errors per kind is printed; the exit status is 1 if there was any error.
+Everything it started is stopped by PID at the end. Loopback only; bounded in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVICES = ROOT / "tests" / "services.sh"
+NDS = str(Path(sys.executable).with_name("nds"))
+
+
+def _read_env(path: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_catalog(settings, n: int) -> tuple[dict[str, float], str]:  # noqa: ANN001 - Settings
+    from catalog import access
+    from catalog.context import CatalogContext
+    from catalog.db import session_scope, upgrade
+    from catalog.synthetic import add_indexed_dataset
+
+    upgrade(settings)
+    rng = np.random.default_rng(0)
+    labels = [f"class{j}" for j in range(10)]
+    per = n // 1000
+    scores: dict[str, float] = {}
+    with CatalogContext.open(settings) as ctx:
+        for d in range(10):
+            sizes = rng.integers(max(1, per // 2), per * 3 // 2 + 1, size=(10, 10))
+            ds = add_indexed_dataset(ctx, f"load{d}", clusters=10, labels=labels, sizes=sizes)
+            scores.update({str(e): float(rng.uniform(0.25, 0.9)) for e in ds.expert_ids.values()})
+        with session_scope(ctx.engine) as session:
+            _, key = access.create_key(session=session, name="load", role="client")
+    return scores, key
+
+
+async def run_clients(url: str, key: str, scores: dict[str, float], *, clients: int, seconds: float, budget: int) -> dict[str, list]:
+    import httpx
+
+    results: dict[str, list] = {"query": [], "manifest": [], "errors": []}
+    deadline = time.monotonic() + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60, limits=limits) as http:
+
+        async def one(k: int) -> None:
+            i = 0
+            while time.monotonic() < deadline:
+                i += 1
+                seed = k * 1_000_000 + i
+                t = time.perf_counter()
+                try:
+                    r = await http.post("/v1/queries", json={"expert_scores": scores, "budget": budget, "seed": seed})
+                except httpx.TransportError as exc:
+                    results["errors"].append(f"query: {exc!r}")
+                    continue
+                results["query"].append(time.perf_counter() - t)
+                if r.status_code != 201:
+                    results["errors"].append(f"query: {r.status_code} {r.text[:200]}")
+                    continue
+                t = time.perf_counter()
+                try:
+                    async with http.stream("GET", f"/v1/queries/{r.json()['id']}/manifest", params={"format": "csv"}) as m:
+                        size = 0
+                        async for chunk in m.aiter_bytes():
+                            size += len(chunk)
+                except httpx.TransportError as exc:
+                    results["errors"].append(f"manifest: {exc!r}")
+                    continue
+                results["manifest"].append(time.perf_counter() - t)
+                if m.status_code != 200 or size == 0:
+                    results["errors"].append(f"manifest: {m.status_code}")
+
+        await asyncio.gather(*(one(k) for k in range(clients)))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from catalog.settings import load_settings
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--api-workers", type=int, default=2, help="uvicorn worker processes of nds serve")
+    parser.add_argument("--samples", type=int, default=100_000, help="indexed samples in the synthetic catalog")
+    parser.add_argument("--budget", type=int, default=1000)
+    args = parser.parse_args(argv)
+    console = Console(width=None if sys.stdout.isatty() else 150)
+
+    subprocess.run(["bash", str(SERVICES), "install"], check=True)
+    with tempfile.TemporaryDirectory(prefix="nds-load-") as tmp:
+        work = Path(tmp)
+        (work / "services").mkdir()
+        subprocess.run(["bash", str(SERVICES), "start", str(work / "services")], check=True)
+        server = None
+        try:
+            env_vars = _read_env(work / "services" / "env")
+            settings = load_settings(home=work / "home", database_url=env_vars["NDS_TEST_DATABASE_URL"],
+                                     broker_url=env_vars["NDS_TEST_BROKER_URL"], qdrant_url=None, data_roots=[work])
+            t = time.perf_counter()
+            scores, key = build_catalog(settings, args.samples)
+            console.log(f"catalog of {args.samples:,} samples in PostgreSQL built in {time.perf_counter() - t:.0f} s")
+            port = _free_port()
+            env = {**os.environ, "NDS_HOME": str(settings.home), "NDS_DATABASE_URL": settings.database_url,
+                   "NDS_BROKER_URL": settings.broker_url, "NDS_DATA_ROOTS": str(work), "NDS_QDRANT_URL": ""}
+            server = subprocess.Popen([NDS, "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(args.api_workers),
+                                       "--log-level", "warning"], env=env, stdout=(work / "serve.log").open("wb"), stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+            import httpx
+
+            url = f"http://127.0.0.1:{port}"
+            for _ in range(300):
+                try:
+                    if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.1)
+            console.log(f"nds serve --workers {args.api_workers} up; {args.clients} clients for {args.seconds:.0f} s")
+            load0 = os.getloadavg()[0]
+            t = time.perf_counter()
+            results = asyncio.run(run_clients(url, key, scores, clients=args.clients, seconds=args.seconds, budget=args.budget))
+            wall = time.perf_counter() - t
+            server_log = (work / "serve.log").read_text()[-3000:]
+        finally:
+            if server is not None:
+                os.killpg(server.pid, signal.SIGTERM)
+                server.wait(timeout=30)
+            subprocess.run(["bash", str(SERVICES), "stop", str(work / "services")], check=False)
+
+    table = Table(title=f"load: {args.clients} clients x {args.seconds:.0f} s against nds serve --workers {args.api_workers} "
+                        f"(server mode, PostgreSQL), on {platform.machine()} with {os.cpu_count()} cores")
+    for col in ("request", "count", "per second", "p50 ms", "p99 ms"):
+        table.add_column(col, justify="left" if col == "request" else "right")
+    total = 0
+    for kind, label in (("query", f"POST /v1/queries (budget {args.budget:,})"), ("manifest", "GET /v1/queries/{id}/manifest (csv)")):
+        times = np.array(results[kind]) * 1000
+        total += len(times)
+        if len(times):
+            table.add_row(label, f"{len(times):,}", f"{len(times) / wall:,.1f}", f"{np.percentile(times, 50):.1f}", f"{np.percentile(times, 99):.1f}")
+    errors = results["errors"]
+    table.add_row("all", f"{total:,}", f"{total / wall:,.1f}", "", "")
+    table.caption = (f"{args.samples:,} indexed samples in 1,000 groups; errors: {len(errors)}; "
+                     f"load average {load0:.1f} before, {os.getloadavg()[0]:.1f} after (clients and server share the machine)")
+    console.print(table)
+    for e in errors[:10]:
+        console.print(f"[red]{e}[/]", highlight=False)
+    if errors:
+        console.print(server_log, highlight=False)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
