@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
@@ -9,10 +10,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from sqlalchemy.exc import DBAPIError
-
-from catalog.db import unavailable_database
-from catalog.errors import NDSError
+from catalog.errors import NDSError, ServiceUnavailableError
 
 out = Console()
 err = Console(stderr=True)
@@ -35,10 +33,20 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except NDSError as exc:
             raise fail(exc.message, exc.hint) from None
-        except DBAPIError as exc:
-            unavailable = unavailable_database(exc)
+        except Exception as exc:
+            unavailable = _database_unavailable(exc)
             if unavailable is None:
                 raise
             raise fail(unavailable.message, unavailable.hint) from None
 
     return wrapper
+
+
+def _database_unavailable(exc: Exception) -> ServiceUnavailableError | None:
+    """The catalog database's connection errors, translated; the client commands never load
+    SQLAlchemy, so nothing is imported for them."""
+    if "sqlalchemy" not in sys.modules:
+        return None
+    from catalog.db import unavailable_database
+
+    return unavailable_database(exc)
