@@ -60,15 +60,18 @@ class Registry(Generic[T]):
             for name, ep in sorted(self._discover().items())
         ]
 
-    def get(self, name: str) -> T:
-        """The plugin object registered as ``name`` (or at the dotted path ``name``)."""
-        if name in self._loaded:
-            return self._loaded[name]
+    def get(self, name: str, *, allow_path: bool = True) -> T:
+        """The plugin object registered as ``name`` (or at the dotted path ``name``).
+
+        ``allow_path=False`` accepts registered names only: a name that arrives over the
+        network must never make the server import a module of the caller's choosing."""
         entries = self._discover()
+        if name in self._loaded and (allow_path or name in entries):
+            return self._loaded[name]
         try:
             if name in entries:
                 obj = entries[name].load()
-            elif ":" in name:
+            elif ":" in name and allow_path:
                 module, _, attr = name.partition(":")
                 obj = getattr(import_module(module), attr)
             else:
@@ -78,7 +81,7 @@ class Registry(Generic[T]):
                 )
         except PluginError:
             raise
-        except (ImportError, AttributeError) as exc:
+        except (ImportError, AttributeError, ValueError) as exc:
             raise PluginError(
                 f"the {self.kind} '{name}' could not be loaded: {exc}", hint=self.install_hint
             ) from exc

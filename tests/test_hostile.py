@@ -103,3 +103,18 @@ def test_a_manifest_of_many_rows_registers_with_bounded_memory(cli_env, data_roo
     assert large["result"]["skipped"] == 199_800 and len(large["result"]["skipped_files"]) == 1000  # the list is capped
     assert large["peak_mib"] < small["peak_mib"] + 60, (small["peak_mib"], large["peak_mib"])
     assert np.isfinite(large["peak_mib"])
+
+
+def test_plugin_names_from_requests_never_import_modules(api, ctx, data_root):
+    """Over HTTP only registered plugin names resolve: a 'module:attr' path would make the
+    server import (and call) whatever the caller names."""
+    sys.modules.pop("wave", None)
+    ds = add_indexed_dataset(ctx, "d", clusters=1, labels=["x"], samples_per_group=2)
+    query = api.post("/v1/queries", json={"expert_scores": {str(ds.expert_ids[0]): 0.5}, "budget": 2}).json()["id"]
+    for fmt in ("wave:open", ":x", "os:getcwd"):
+        r = api.get(f"/v1/queries/{query}/manifest", params={"format": fmt})
+        assert r.status_code == 422 and r.json()["field"] == "format", (fmt, r.text)
+    write_images(data_root / "src", n=2)
+    r = api.post("/v1/datasets", json={"name": "x", "path": str(data_root / "src"), "source": "wave:open"})
+    assert r.status_code == 422 and r.json()["field"] == "source" and "imagefolder" in r.json()["detail"]
+    assert "wave" not in sys.modules

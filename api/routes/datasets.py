@@ -15,6 +15,7 @@ from catalog.db import session_scope
 from catalog.models import ClusterPublic, Dataset, DatasetPublic, Job, JobPublic, DatasetsPublic, JobStatus, SamplePublic, SamplesPublic
 from catalog.registration import RegistrationRequest, remove_partial_dataset, start_registration
 from catalog.context import CatalogContext
+from catalog.errors import InvalidInputError
 from catalog.jobs import Dispatcher, get_job
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -35,6 +36,9 @@ def submit_or_undo(ctx: CatalogContext, dispatcher: Dispatcher, job: Job, *, und
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetRegistered)
 def register_dataset(body: DatasetRegister, ctx: CtxDep, dispatcher: DispatcherDep, _: AdminDep) -> DatasetRegistered:
     """Register a source dataset; the scan runs as a job whose id is in the answer."""
+    if body.source not in ctx.sources.names():  # over HTTP, registered source names only (never a module path)
+        raise InvalidInputError(f"unknown source '{body.source}'; known: {', '.join(ctx.sources.names())}", field="source",
+                                hint="install a package that declares an 'nds.sources' entry point")
     dataset, job = start_registration(ctx, RegistrationRequest(**body.model_dump()))
     submit_or_undo(ctx, dispatcher, job, undo=lambda: remove_partial_dataset(ctx, dataset.id))
     with session_scope(ctx.engine) as session:

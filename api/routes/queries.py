@@ -46,11 +46,11 @@ def query_manifest(
     session: SessionDep,
     ctx: CtxDep,
     principal: PrincipalDep,
-    format: Annotated[str, Q(description="csv, jsonl, parquet or another installed exporter.")] = "csv",
+    format: Annotated[str, Q(max_length=100, description="csv, jsonl, parquet or another installed exporter.")] = "csv",
 ) -> StreamingResponse:
     """The manifest, streamed: columns key, uri, label, dataset, cluster, weight, count."""
     try:
-        exporter = ctx.exporters.get(format)()
+        exporter = ctx.exporters.get(format, allow_path=False)()
     except PluginError as exc:
         raise InvalidInputError(exc.message, field="format", hint=exc.hint) from exc
     query = get_query(session=session, query_id=query_id, principal=principal)
