@@ -12,7 +12,7 @@ from sqlmodel import Session
 from api.dispatch import make_dispatcher
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
-from api.routes import datasets, experts, jobs, keys, queries
+from api.routes import backbones, datasets, experts, jobs, keys, queries
 from api.schemas import Health
 from catalog.access import keys_exist
 from catalog.context import CatalogContext
@@ -72,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(datasets.router)
     app.include_router(jobs.router)
     app.include_router(experts.router)
+    app.include_router(backbones.router)
     app.include_router(queries.router)
     app.include_router(keys.router)
 

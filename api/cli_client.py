@@ -62,7 +62,7 @@ def score(
     server: Annotated[str, typer.Option(envvar="NDS_SERVER", help="URL of the NDS server.")] = "http://127.0.0.1:8000",
     labels: Annotated[Path | None, typer.Option(help="CSV with columns path,label (paths relative to the CSV, or absolute).")] = None,
     imagefolder: Annotated[bool, typer.Option("--imagefolder", help="Labels from the folder layout TARGET/<label>/<image>.")] = False,
-    method: Annotated[str, typer.Option(help="rotation (no labels) or linear-probe (needs labels).")] = "rotation",
+    method: Annotated[str, typer.Option(help="rotation (no labels), linear-probe (needs labels) or embedding (no labels: nearest cluster centroids in the backbone space).")] = "rotation",
     priors: Annotated[bool, typer.Option("--priors", help="Also estimate the target's label distribution per source dataset.")] = False,
     temperature: Annotated[float, typer.Option(help="Softmax temperature of the label priors.")] = 2.0,
     cache_dir: Annotated[Path | None, typer.Option(help="Where downloaded experts are kept (default ~/.cache/nds/experts).")] = None,

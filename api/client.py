@@ -73,7 +73,7 @@ __all__ = [
     "rotations",
 ]
 
-METHODS = ("rotation", "linear-probe")
+METHODS = ("rotation", "linear-probe", "embedding")
 SCORES_FORMAT = "nds.scores/v1"
 MANIFEST_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".parquet": "parquet"}
 DEFAULT_MEAN = (0.485, 0.456, 0.406)
@@ -727,6 +727,14 @@ class NDSClient:
         """One expert (GET /v1/experts/{id})."""
         return self._json("GET", f"/v1/experts/{int(expert_id)}")
 
+    def clusters(self, dataset_id: int) -> list[dict]:
+        """The clusters of a dataset's active index, with their centroids (GET /v1/datasets/{id}/clusters)."""
+        return self._json("GET", f"/v1/datasets/{int(dataset_id)}/clusters")
+
+    def backbones(self) -> list[dict]:
+        """The embedding spaces of the indexed datasets (GET /v1/backbones)."""
+        return self._json("GET", "/v1/backbones").get("data", [])
+
     # ---------------------------------------------------------------- downloads
 
     def _cache(self, cache_dir: str | os.PathLike | None) -> Path:
@@ -739,12 +747,27 @@ class NDSClient:
 
     def _download(self, expert_id: int, sha256: str, path: Path) -> None:
         """Stream the expert's ONNX file to ``path`` via a temp file, checking its sha256."""
+        self._download_file(f"/v1/experts/{expert_id}/model.onnx", sha256, path, what=f"expert {expert_id}")
+
+    def _cached_file(self, url_path: str, sha256: str, cache: Path, *, what: str) -> tuple[Path, bool]:
+        """``cache/<sha256>.onnx``, downloaded unless a file with that hash is already there;
+        (path, downloaded now)."""
+        if not _SHA256.fullmatch(sha256 or ""):
+            raise IntegrityError(f"the server lists {what} with an invalid sha256 {sha256!r}")
+        path = cache / f"{sha256}.onnx"
+        if path.is_file() and _sha256_file(path) == sha256:
+            return path, False
+        self._download_file(url_path, sha256, path, what=what)
+        return path, True
+
+    def _download_file(self, url_path: str, sha256: str, path: Path, *, what: str) -> None:
+        """Stream ``url_path`` to ``path`` via a temp file, checking its sha256 (one retry)."""
         for attempt in (1, 2):
             digest = hashlib.sha256()
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{sha256[:16]}.", suffix=".part", dir=path.parent)
             try:
-                with os.fdopen(fd, "wb") as fh, self._exchange("GET", f"/v1/experts/{expert_id}/model.onnx", stream=True) as response:
+                with os.fdopen(fd, "wb") as fh, self._exchange("GET", url_path, stream=True) as response:
                     for chunk in response.iter_bytes(1 << 16):
                         digest.update(chunk)
                         fh.write(chunk)
@@ -755,7 +778,7 @@ class NDSClient:
                 Path(tmp).unlink(missing_ok=True)
             if attempt == 2:
                 raise IntegrityError(
-                    f"expert {expert_id} downloaded from {self.base_url}/v1/experts/{expert_id}/model.onnx has sha256 "
+                    f"{what} downloaded from {self.base_url}{url_path} has sha256 "
                     f"{digest.hexdigest()[:16]}..., the server lists {sha256[:16]}...",
                     hint="the file changed on the server or in transit; re-index the dataset or retry later",
                 )
@@ -851,6 +874,10 @@ class NDSClient:
         the target images; no labels. ``method="linear-probe"``: cross-validated accuracy of a
         logistic regression on the expert's standardised penultimate features, fit on ``labels``
         (a list aligned with the images, a {path: label} mapping, or "imagefolder").
+        ``method="embedding"``: the share of the target images whose nearest cluster centroid,
+        in the backbone's embedding space, is the expert's cluster (the backbone is downloaded
+        and run here, like the experts); no labels. It works where rotation cannot, on images
+        without an upright orientation (textures, aerial views, microscopy).
         ``priors=True`` also estimates label priors (see :meth:`label_priors`) in the same pass
         over the images. Unreadable images are skipped and counted."""
         if method not in METHODS:
@@ -868,6 +895,9 @@ class NDSClient:
             raise NDSClientError(f"the server at {self.base_url} has no rotation experts to score",
                                  hint="index a dataset first: nds index NAME")
         classifier_experts = [e for e in experts if e.kind == "classifier"] if priors else []
+        if method == "embedding":
+            return self._score_by_embedding(target, rotation_experts, classifier_experts if priors else None,
+                                            batch_size=batch_size, progress=progress, temperature=temperature)
         runners = self._runners(rotation_experts)
         cls_runners = self._runners(classifier_experts)
         decoded = _decode(target, [r.input_size for r in runners + cls_runners], progress)
@@ -902,6 +932,78 @@ class NDSClient:
             provider=_provider([*runners, *cls_runners]),
         )
         if priors:
+            result.label_priors = self._priors(cls_runners, decoded, temperature, batch_size, progress)
+            result.temperature = temperature
+        return result
+
+    def _score_by_embedding(
+        self, target: _Target, rotation_experts: Sequence[LocalExpert], classifier_experts: Sequence[LocalExpert] | None, *,
+        batch_size: int, progress: ProgressFn | None, temperature: float,
+    ) -> Scores:
+        """Embed the target with each space's backbone and vote for the nearest cluster centroid."""
+        spaces = {s["version"]: s for s in self.backbones() if s.get("downloadable")}
+        space_of = {int(d["id"]): d.get("backbone") for d in self.datasets()}
+        by_space: dict[str, list[LocalExpert]] = {}
+        for e in rotation_experts:
+            version = space_of.get(e.dataset_id)
+            if version in spaces:
+                by_space.setdefault(version, []).append(e)
+        if not by_space:
+            raise NDSClientError(
+                f"the server at {self.base_url} publishes no backbone its experts' datasets were indexed with",
+                hint="index the datasets with the default backbone (or onnx:<file>), or use --method rotation",
+            )
+        cls_runners = self._runners(classifier_experts or [])
+        sizes = [int(spaces[v]["input_size"]) for v in by_space] + [r.input_size for r in cls_runners]
+        decoded = _decode(target, sizes, progress)
+        n = len(next(iter(decoded.arrays.values())))
+        cache = self._cache(None)
+        entries, scores, providers = [], {}, []
+        for version, members in sorted(by_space.items()):
+            space = spaces[version]
+            path, _ = self._cached_file(f"/v1/backbones/{version}/model.onnx", str(space["sha256"]).lower(), cache, what=f"backbone {version}")
+            session = onnx_runtime.create_session(path, prefer_gpu=onnx_runtime.cuda_usable() is not False)
+            providers.append(onnx_runtime.active_provider(session))
+            outputs = [o.name for o in session.get_outputs()]
+            output, name = ("features" if "features" in outputs else outputs[0]), session.get_inputs()[0].name
+            x = decoded.arrays[int(space["input_size"])]
+            feats = [session.run([output], {name: _normalise(x[i : i + batch_size], space["mean"], space["std"])})[0].reshape(len(x[i : i + batch_size]), -1)
+                     for i in range(0, n, batch_size)]
+            emb = np.concatenate(feats).astype(np.float64)
+            emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+            keys, rows = [], []
+            for dataset_id in sorted({e.dataset_id for e in members}):
+                for c in self.clusters(dataset_id):
+                    if c.get("centroid"):
+                        keys.append((dataset_id, int(c["cluster"])))
+                        rows.append(c["centroid"])
+            if not rows:
+                continue
+            cent = np.asarray(rows, dtype=np.float64)
+            cent /= np.maximum(np.linalg.norm(cent, axis=1, keepdims=True), 1e-12)
+            sim = emb @ cent.T  # (n, clusters): cosine similarity
+            share = np.bincount(sim.argmax(axis=1), minlength=len(keys)) / n
+            column = {k: j for j, k in enumerate(keys)}
+            for e in members:
+                j = column.get((e.dataset_id, e.cluster))
+                if j is None:
+                    continue
+                value = float(share[j])
+                entries.append({
+                    "id": e.id, "kind": e.kind, "dataset_id": e.dataset_id, "dataset": e.dataset, "cluster": e.cluster,
+                    "index_version": e.index_version, "sha256": e.sha256, "score": value, "target_accuracy": None,
+                    "heldout_accuracy": e.heldout_accuracy, "relative_accuracy": None,
+                    "details": {"backbone": version, "nearest_share": round(value, 4), "mean_similarity": round(float(sim[:, j].mean()), 4)},
+                })
+                scores[e.id] = value
+        if progress is not None:
+            progress("score", 1, 1)
+        result = Scores(
+            method="embedding", num_images=n, skipped=len(decoded.skipped), scores=scores, experts=entries, labels=None,
+            skipped_files=[{"image": img, "reason": why} for img, why in decoded.skipped[:100]], server=self.base_url,
+            provider=",".join(sorted(set(providers + [r.provider for r in cls_runners]))) or None,
+        )
+        if classifier_experts is not None:
             result.label_priors = self._priors(cls_runners, decoded, temperature, batch_size, progress)
             result.temperature = temperature
         return result

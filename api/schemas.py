@@ -60,7 +60,7 @@ class QueryBody(BaseModel):
     datasets: list[Id] | None = Field(default=None, description="Only select from these dataset ids.", max_length=10_000)
     seed: int = Field(default=0, ge=0, le=2**63 - 1)
     target_size: int | None = Field(default=None, ge=1, le=10**9, description="Number of target images (for the recommended recipe).")
-    score_method: Literal["rotation", "linear-probe"] | None = Field(default=None, description="How the scores were computed.")
+    score_method: Literal["rotation", "linear-probe", "embedding"] | None = Field(default=None, description="How the scores were computed.")
 
 
 class QueryPublic(BaseModel):

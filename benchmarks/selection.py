@@ -18,9 +18,10 @@ method is re-implemented here.
    unseen 30% of each texture and photo), split once, stratified: 100 train, 300 test. The
    target is never registered; only its train split is shown to the client.
 3. **selection**: per target the SDK scores every rotation expert on the train split
-   (``rotation``: no labels; ``linear-probe``: the train labels) and estimates label priors
+   (``rotation``: no labels; ``linear-probe``: the train labels; ``embedding``: no labels, the
+   share of the target nearest each cluster centroid in the backbone space) and estimates label priors
    (``label_priors``), then queries each budget (10% and 25% of the pool) with each method
-   (rotation, linear-probe, each with and without priors; the product's defaults otherwise:
+   (rotation, linear-probe, each with and without priors, and embedding; the product's defaults otherwise:
    temperature 0.1, sampling with replacement) and downloads the manifest (csv). Baselines:
    a uniform random subset of the same size (without replacement), the whole pool, and no
    pre-training. **Precision** = share of the selected samples (counted with multiplicity)
@@ -75,11 +76,12 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = Path("benchmarks") / "results" / "selection"
 NDS = str(Path(sys.executable).with_name("nds"))
 
-SERVER_METHODS = ("rotation", "linear-probe", "rotation+priors", "linear-probe+priors")
+SERVER_METHODS = ("rotation", "linear-probe", "embedding", "rotation+priors", "linear-probe+priors")
 RANDOM, WHOLE, NONE = "random", "whole pool", "no pre-training"
 LABELS = {
     "rotation": "NDS rotation",
     "linear-probe": "NDS linear-probe",
+    "embedding": "NDS embedding",
     "rotation+priors": "NDS rotation + priors",
     "linear-probe+priors": "NDS linear-probe + priors",
     RANDOM: "random subset",
@@ -265,6 +267,9 @@ class Transfer:
         self.config = config
         if config.threads:
             torch.set_num_threads(config.threads)
+        from catalog.training import cpu_has_native_bf16
+
+        self.bf16 = cpu_has_native_bf16()
         self.norm = (IMAGENET_MEAN, IMAGENET_STD)
         self.pool_x = self._tensor(pool_images)  # (N, 3, S, S) float32, normalised
         self.pool_y = torch.from_numpy(pool_classes.astype(np.int64))
@@ -327,8 +332,9 @@ class Transfer:
             idx = perm[pos : pos + batch]
             pos += batch
             xb = self._crop(x[idx], gen).contiguous(memory_format=torch.channels_last)
-            logits, _ = model(xb)
-            loss = F.cross_entropy(logits, y[idx])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):  # as the product trains, where the CPU has bf16
+                logits, _ = model(xb)
+            loss = F.cross_entropy(logits.float(), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -445,18 +451,22 @@ def _select(config: Config, work: Path, budgets: list[int], echo: Callable[[str]
             train_labels = [str(labels[i]) for i in train]
             rot = client.score(train_paths, method="rotation", experts=experts)
             lp = client.score(train_paths, labels=train_labels, method="linear-probe", experts=experts)
+            emb = client.score(train_paths, method="embedding", experts=experts)
             priors = client.label_priors(train_paths, experts=experts)
             scoring[tname] = {
                 "rotation": [{"dataset": e["dataset"], "cluster": e["cluster"], "score": round(e["score"], 4),
                               "heldout": e["heldout_accuracy"]} for e in rot.ranked()],
                 "linear-probe": [{"dataset": e["dataset"], "cluster": e["cluster"], "score": round(e["score"], 4)}
                                  for e in lp.ranked()],
+                "embedding": [{"dataset": e["dataset"], "cluster": e["cluster"], "score": round(e["score"], 4)}
+                              for e in emb.ranked()],
             }
+            by_method = {"rotation": rot, "linear-probe": lp, "embedding": emb}
             best_rot, best_lp = rot.ranked()[0], lp.ranked()[0]
             _say(echo, f"target {tname}: best rotation expert {best_rot['dataset']}/{best_rot['cluster']} "
                        f"({best_rot['score']:.3f}); best linear-probe expert {best_lp['dataset']}/{best_lp['cluster']} ({best_lp['score']:.3f})")
             for method in config.methods:
-                base = rot if method.startswith("rotation") else lp
+                base = by_method[method.split("+")[0]]
                 use_priors = priors if method.endswith("+priors") else None
                 for budget in budgets:
                     for seed in config.seeds:
@@ -787,7 +797,8 @@ def markdown(results: dict[str, Any]) -> str:
         for tname, sc in results["scores"].items():
             rot = ", ".join(f"{e['dataset']}/{e['cluster']} {e['score']:.3f}" for e in sc["rotation"][:6])
             lp = ", ".join(f"{e['dataset']}/{e['cluster']} {e['score']:.3f}" for e in sc["linear-probe"][:6])
-            lines.append(f"- {tname}: rotation {rot}; linear-probe {lp}")
+            emb = ", ".join(f"{e['dataset']}/{e['cluster']} {e['score']:.3f}" for e in sc.get("embedding", [])[:6])
+            lines.append(f"- {tname}: rotation {rot}; linear-probe {lp}; embedding (share of the target nearest each cluster) {emb}")
     lines += ["", "## Run", ""]
     lines.append("Time per stage (s): " + ", ".join(f"{k} {v}" for k, v in results["timings"].items()) + ".")
     if has_transfer:
@@ -809,7 +820,7 @@ def chart(results: dict[str, Any], path: Path) -> Path:
     cfg, summary = results["config"], results["summary"]
     targets = cfg["targets"]
     fig, axes = plt.subplots(2, len(targets), figsize=(4.6 * len(targets), 7.6), squeeze=False, sharex=True)
-    colours = {"rotation": "C0", "linear-probe": "C1", "rotation+priors": "C2", "linear-probe+priors": "C4", RANDOM: "C7"}
+    colours = {"rotation": "C0", "linear-probe": "C1", "embedding": "C3", "rotation+priors": "C2", "linear-probe+priors": "C4", RANDOM: "C7"}
     xs = [100 * f for f in cfg["budgets"]]
     for j, tname in enumerate(targets):
         ax, axp = axes[0, j], axes[1, j]

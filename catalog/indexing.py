@@ -41,6 +41,7 @@ from catalog.images import load_images
 from catalog.jobs import JobFailed, JobReporter, create_job
 from catalog.models import Assignment, Cluster, Dataset, DatasetStatus, Expert, ExpertKind, Group, Job, Sample, utcnow
 from catalog.paths import resolve_in_roots
+from catalog.spaces import publish_backbone
 from plugins.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneEnv
 
 log = logging.getLogger(__name__)
@@ -173,6 +174,7 @@ def _index(ctx: CatalogContext, dataset_id: int, request: IndexRequest, report: 
     t = time.perf_counter()
     report.step("backbone", start=0.08, end=0.15)
     backbone = resolve_backbone(ctx, request, report)
+    publish_backbone(ctx, backbone)  # clients may embed their own images in this space
     timings["backbone"] = time.perf_counter() - t
 
     t = time.perf_counter()

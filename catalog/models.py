@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Column, Index, Integer, LargeBinary, UniqueConstraint
+from pydantic import field_validator
 from sqlmodel import Field, SQLModel
 
 
@@ -153,6 +154,16 @@ class ClusterPublic(SQLModel):
     cluster: int
     size: int
     label: str | None
+    centroid: list[float] | None = Field(default=None, description="Mean embedding of the cluster in its dataset's backbone space.")
+
+    @field_validator("centroid", mode="before")
+    @classmethod
+    def _decode_centroid(cls, value: Any) -> Any:
+        if isinstance(value, bytes | bytearray | memoryview):
+            import numpy as np
+
+            return np.frombuffer(bytes(value), dtype=np.float32).astype(float).tolist()
+        return value
 
 
 class Group(SQLModel, table=True):

@@ -51,6 +51,7 @@ PRIOR_TOLERANCE = 1e-3
 LARGE_TARGET = 1000          # images: above this, fine-tuning beats a linear probe (cs231n)
 SIMILAR_ROTATION_SCORE = 0.5  # rotation accuracy (chance 0.25) above which the domain counts as similar
 SIMILAR_PROBE_SCORE = 0.8     # linear-probe accuracy above which the features count as transferable
+SIMILAR_EMBEDDING_SHARE = 0.5  # share of the target nearest one cluster above which the domain counts as close
 PICKS_PREFIX = "queries"
 
 
@@ -342,7 +343,7 @@ def recommend_recipe(request: QueryRequest, best_score: float | None) -> dict[st
     """A transfer recipe from the target's size and how similar the best experts say it is."""
     n = request.target_size
     method = request.score_method or "rotation"
-    threshold = SIMILAR_PROBE_SCORE if method == "linear-probe" else SIMILAR_ROTATION_SCORE
+    threshold = {"linear-probe": SIMILAR_PROBE_SCORE, "embedding": SIMILAR_EMBEDDING_SHARE}.get(method, SIMILAR_ROTATION_SCORE)
     similar = best_score is not None and best_score >= threshold
     size_text = f"{n} target images" if n else "a target of unknown size (assumed small)"
     if n and n >= LARGE_TARGET:

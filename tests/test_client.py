@@ -297,6 +297,36 @@ def test_rotation_ranks_the_source_domain_first(client, experts, stripes_target)
     assert scores.server == client.base_url
 
 
+def test_embedding_votes_for_the_source_domain_and_backbones_are_published(client, experts, stripes_target, server, tmp_path):
+    spaces = client.backbones()
+    assert len(spaces) == 1 and spaces[0]["downloadable"] and spaces[0]["version"].startswith("onnx-")
+    space = spaces[0]
+    assert set(space["datasets"]) == {d["id"] for d in client.datasets()} and space["dim"] == 16 and space["input_size"] == 32
+    clusters = client.clusters(space["datasets"][0])
+    assert all(len(c["centroid"]) == 16 for c in clusters)
+    scores = client.score(stripes_target, method="embedding", experts=experts)
+    assert scores.method == "embedding" and scores.num_images == 40 and len(scores.scores) == 4
+    assert abs(sum(scores.scores.values()) - 1.0) < 1e-9  # every image votes for one cluster
+    stripes = sum(e["score"] for e in scores.experts if e["dataset"] == "stripes")
+    assert stripes >= 0.9, scores.ranked()
+    assert scores.ranked()[0]["details"]["backbone"] == space["version"]
+    cached = server.root / "cache" / f"{space['sha256']}.onnx"
+    assert cached.is_file() and hashlib.sha256(cached.read_bytes()).hexdigest() == space["sha256"]
+    url = f"{server.url}/v1/backbones/{space['version']}/model.onnx"
+    assert httpx.get(url, headers={"If-None-Match": f'"{space["sha256"]}"'}).status_code == 304
+    assert httpx.get(f"{server.url}/v1/backbones/onnx-000000000000/model.onnx").status_code == 404
+    assert httpx.get(f"{server.url}/v1/backbones/..%2F..%2Fcatalog.db/model.onnx").status_code == 404
+    # the scores are sent like any others; the selection follows the votes
+    query = client.query(scores, budget=50, seed=1)
+    assert query["summary"]["datasets"][0]["dataset"] == "stripes"
+    assert query["summary"]["recommendation"]["recipe"] in ("linear-probe", "linear-probe-early-layers", "fine-tune")
+    out = tmp_path / "scores.json"
+    result = cli("score", str(stripes_target), "--server", server.url, "--cache-dir", str(server.root / "cache"),
+                 "--method", "embedding", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert Scores.load(out).method == "embedding"
+
+
 def test_folder_list_and_array_give_the_same_scores(client, experts, stripes_target):
     files = list_image_files(stripes_target)
     array = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])

@@ -26,15 +26,16 @@ def _precisions(results, method):
     return [r["precision"] for r in results["runs"] if r["method"] == method]
 
 
-def test_rotation_selection_beats_random(results):
-    rotation = _precisions(results, "rotation")
+@pytest.mark.parametrize("method", ["rotation", "embedding"])
+def test_selection_beats_random(results, method):
+    chosen = _precisions(results, method)
     random = _precisions(results, RANDOM)
-    assert len(rotation) == len(QUICK.targets) * len(QUICK.budgets) * len(QUICK.seeds)
+    assert len(chosen) == len(QUICK.targets) * len(QUICK.budgets) * len(QUICK.seeds)
     # two domains: a random subset holds about half target-domain images
     assert 0.2 <= np.mean(random) <= 0.8
-    assert np.mean(rotation) >= 0.8, results["scores"]
-    assert min(rotation) >= 0.6, results["scores"]
-    assert np.mean(rotation) - np.mean(random) >= 0.25
+    assert np.mean(chosen) >= 0.8, results["scores"]
+    assert min(chosen) >= 0.6, results["scores"]
+    assert np.mean(chosen) - np.mean(random) >= 0.25
 
 
 def test_every_method_selects_and_counts_add_up(results):

@@ -44,6 +44,10 @@ class Backbone(ABC):
     input_size: int
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    #: a self-contained ONNX file of the network (input NCHW float32 at input_size, normalised
+    #: with mean/std); when there is one, indexing publishes it so that clients can embed their
+    #: own images in this space (the ``embedding`` scoring method)
+    onnx_path: Path | None = None
 
     @abstractmethod
     def embed(self, images: np.ndarray, *, batch_size: int = 256) -> np.ndarray:

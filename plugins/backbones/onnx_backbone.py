@@ -21,6 +21,7 @@ from plugins.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, Backbo
 
 class OnnxBackbone(Backbone):
     def __init__(self, path, meta: dict[str, str]) -> None:  # noqa: ANN001 - Path
+        self.onnx_path = path
         self.session = create_session(path)
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name

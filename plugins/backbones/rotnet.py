@@ -29,7 +29,7 @@ TRAIN_EPOCHS = 6
 
 class RotNetBackbone(Backbone):
     def __init__(self, path: Path, meta: dict) -> None:
-        self.path = path
+        self.path = self.onnx_path = path
         self.meta = meta
         self.version = meta["version"]
         self.dim = int(meta["dim"])
