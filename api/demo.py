@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 from rich.console import Console
+
+from api.local_server import LocalServer
 
 console = Console()
 NDS = str(Path(sys.executable).with_name("nds"))
@@ -36,25 +37,6 @@ def nds(*args: str) -> None:
         console.print(f"[bold red]demo failed at 'nds {shlex.join(args)}' (exit {done.returncode})[/]")
         raise SystemExit(done.returncode)
     console.print(f"[dim]({time.perf_counter() - started:.1f} s)[/]")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(port: int) -> subprocess.Popen:
-    console.print(f"\n[bold cyan]$ nds serve --port {port} &[/]", highlight=False)
-    proc = subprocess.Popen([NDS, "serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"])
-    for _ in range(120):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            time.sleep(0.25)
-    proc.terminate()
-    raise SystemExit("the server did not start")
 
 
 def main() -> int:
@@ -75,15 +57,12 @@ def main() -> int:
         nds("index", name, "--clusters", "3", "--epochs", "6", "--image-size", "32")
     nds("experts", "list")
 
-    port = free_port()
-    server = start_server(port)
-    url = f"http://127.0.0.1:{port}"
-    try:
+    server = LocalServer(os.environ, here / "serve.log")
+    console.print(f"\n[bold cyan]$ nds serve --port {server.port} &[/]", highlight=False)
+    with server:
+        url = server.url
         nds("score", str(target.relative_to(here)), "--server", url, "--imagefolder", "--priors", "--cache-dir", ".expert-cache", "-o", "scores.json")
         nds("query", "--server", url, "--scores", "scores.json", "--budget", "600", "--seed", "0", "-o", "manifest.csv")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
     scores = json.loads(Path("scores.json").read_text())
     ranked = sorted(scores["experts"], key=lambda e: -e["score"])

@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,19 +30,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICES = ROOT / "tests" / "services.sh"
-NDS = str(Path(sys.executable).with_name("nds"))
 
 
 def _read_env(path: Path) -> dict[str, str]:
     return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_catalog(settings, n: int) -> tuple[dict[str, float], str]:  # noqa: ANN001 - Settings
@@ -111,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from api.local_server import LocalServer
     from catalog.settings import load_settings
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -135,31 +126,19 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             scores, key = build_catalog(settings, args.samples)
             console.log(f"catalog of {args.samples:,} samples in PostgreSQL built in {time.perf_counter() - t:.0f} s")
-            port = _free_port()
             env = {**os.environ, "NDS_HOME": str(settings.home), "NDS_DATABASE_URL": settings.database_url,
                    "NDS_BROKER_URL": settings.broker_url, "NDS_DATA_ROOTS": str(work), "NDS_QDRANT_URL": ""}
-            server = subprocess.Popen([NDS, "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(args.api_workers),
-                                       "--log-level", "warning"], env=env, stdout=(work / "serve.log").open("wb"), stderr=subprocess.STDOUT,
-                                      start_new_session=True)
-            import httpx
-
-            url = f"http://127.0.0.1:{port}"
-            for _ in range(300):
-                try:
-                    if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.1)
+            server = LocalServer(env, work / "serve.log", args=["--workers", str(args.api_workers), "--log-level", "warning"]).start()
+            url = server.url
             console.log(f"nds serve --workers {args.api_workers} up; {args.clients} clients for {args.seconds:.0f} s")
             load0 = os.getloadavg()[0]
             t = time.perf_counter()
             results = asyncio.run(run_clients(url, key, scores, clients=args.clients, seconds=args.seconds, budget=args.budget))
             wall = time.perf_counter() - t
-            server_log = (work / "serve.log").read_text()[-3000:]
+            server_log = server.output()[-3000:]
         finally:
             if server is not None:
-                os.killpg(server.pid, signal.SIGTERM)
-                server.wait(timeout=30)
+                server.stop()
             subprocess.run(["bash", str(SERVICES), "stop", str(work / "services")], check=False)
 
     table = Table(title=f"load: {args.clients} clients x {args.seconds:.0f} s against nds serve --workers {args.api_workers} "

@@ -139,8 +139,6 @@ def time_ours(cat: Catalog, budget: int, repeats: int, *, seed: int = 0, warm: b
 
 def time_core(cat: Catalog, budget: int, repeats: int, *, seed: int = 0) -> list[float]:
     """sample_groups alone (group masses -> picks), the like-for-like counterpart of the naive choice call."""
-    from sqlmodel import Session
-
     if cat.table is None:
         with cat.ctx.engine.connect() as conn:
             cat.table, _, _, _ = build_groups(cat.ctx, conn, QueryRequest(expert_scores=cat.scores, budget=budget))
@@ -181,9 +179,7 @@ def time_naive(w: np.ndarray, budget: int, repeats: int, *, seed: int = 0) -> li
 
 def time_stages(cat: Catalog, budget: int, repeats: int) -> dict[str, float]:
     """run_query's stages one by one (same calls, same order), p50 ms each: where the time goes."""
-    from sqlmodel import Session, select
-
-    from catalog.models import Dataset, Query
+    from catalog.models import Query
     from catalog.retrieval import _request_json, validate_request
 
     stages: dict[str, list[float]] = {k: [] for k in ("validate + read groups + weights", "sample_groups (O(G+B))", "summarize", "save_picks (raw picks file)", "store query row")}

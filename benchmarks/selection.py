@@ -59,7 +59,6 @@ import math
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -151,12 +150,6 @@ def _say(echo: Callable[[str], None] | None, text: str) -> None:
         echo(text)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _env(work: Path, threads: int | None = None) -> dict[str, str]:
     """The embedded default in ``work``: its own catalog, vectors and artifacts; no services.
     ``threads``: OMP_NUM_THREADS for the ``nds`` processes (torch's intra-op threads)."""
@@ -192,34 +185,10 @@ class Cli:
 @contextlib.contextmanager
 def serve(env: dict[str, str], cwd: Path, log: Path) -> Iterator[str]:
     """``nds serve`` on a free loopback port; yields its URL; stops it (by its pid) at the end."""
-    import httpx
+    from api.local_server import LocalServer
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with log.open("ab") as out:
-        proc = subprocess.Popen([NDS, "serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-                                env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if proc.poll() is not None:
-                    raise RuntimeError(f"nds serve exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError("nds serve did not answer /healthz within 120 s")
-                time.sleep(0.2)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=15)
+    with LocalServer(env, log, cwd=cwd) as server:
+        yield server.url
 
 
 def stratified_split(labels: np.ndarray, n_train: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     latency.add_row("open Qdrant Edge shard, 5,000 points", f"{edge['open_small_ms']:.1f}")
     latency.add_row("close Qdrant Edge shard, 5,000 points", f"{edge['close_small_ms']:.1f}")
     latency.add_row(f"search p50, EdgeVectorStore, {args.points:,} points (lock+open+close per call)", f"{edge['search_call_ms']:.1f}")
-    latency.add_row(f"search p50, same, dataset_ids=[3] filter", f"{edge['search_filtered_ms']:.1f}")
+    latency.add_row("search p50, same, dataset_ids=[3] filter", f"{edge['search_filtered_ms']:.1f}")
     latency.add_row(f"search p50, EdgeVectorStore inside session(), {args.points:,} points", f"{edge['search_session_ms']:.1f}")
     latency.add_row("search p50, EdgeVectorStore, 5,000 points (per call)", f"{edge['search_small_ms']:.1f}")
     latency.add_row(f"search p50, qdrant-client local mode, {args.naive_points:,} points", f"{naive['search_ms']:.1f}")

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
-import sys
-import time
 
 import httpx
 import numpy as np
@@ -15,6 +12,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 from sqlmodel import Session, select
 
+from api.local_server import LocalServer
 from catalog import access
 from catalog.db import session_scope
 from catalog.models import Expert, Sample
@@ -209,7 +207,7 @@ def test_cli_keys_and_restrict(nds, ctx):
     assert nds("keys", "revoke", "nobody").exit_code == 1
 
 
-def test_serve_refuses_open_non_loopback_binds(cli_env, nds):
+def test_serve_refuses_open_non_loopback_binds(cli_env, nds, tmp_path):
     from api.cli import _is_loopback
 
     assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("localhost")
@@ -217,29 +215,8 @@ def test_serve_refuses_open_non_loopback_binds(cli_env, nds):
     nds("db", "upgrade")
     refused = nds("serve", "--host", "0.0.0.0", "--port", "9")
     assert refused.exit_code == 1 and "--insecure" in refused.output
-    env = {**os.environ, **cli_env}
-    nds_bin = os.path.join(os.path.dirname(sys.executable), "nds")
-    port = _free_port()
-    proc = subprocess.Popen([nds_bin, "serve", "--host", "0.0.0.0", "--port", str(port), "--insecure"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        for _ in range(100):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        else:
-            raise AssertionError("nds serve --insecure did not start")
-    finally:
-        proc.terminate()
-        output = proc.communicate(timeout=10)[0]
+    server = LocalServer({**os.environ, **cli_env}, tmp_path / "serve.log", host="0.0.0.0", args=["--insecure"])
+    with server:  # healthz answers on loopback too
+        pass
+    output = server.output()
     assert "the API is open" in output
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 
 import httpx
 
+from api.local_server import LocalServer
 from tests.conftest import write_images
 
 
@@ -94,28 +94,13 @@ def test_healthz_and_openapi(api):
         assert path in paths
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_nds_serve_real_process(cli_env, data_root):
+def test_nds_serve_real_process(cli_env, data_root, tmp_path):
     """`nds serve` in its own process, reached over HTTP on loopback."""
     env = {**os.environ, **cli_env}
     nds_bin = os.path.join(os.path.dirname(sys.executable), "nds")
     subprocess.run([nds_bin, "db", "upgrade"], env=env, check=True, capture_output=True)
-    port = free_port()
-    proc = subprocess.Popen([nds_bin, "serve", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(100):
-            try:
-                if httpx.get(f"{url}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    with LocalServer(env, tmp_path / "serve.log") as server:
+        url = server.url
         folder = write_images(data_root / "src", n=3)
         created = httpx.post(f"{url}/v1/datasets", json={"name": "src", "path": str(folder)})
         assert created.status_code == 201
@@ -126,6 +111,3 @@ def test_nds_serve_real_process(cli_env, data_root):
             time.sleep(0.1)
         assert httpx.get(f"{url}/v1/datasets/{created.json()['id']}").json()["num_samples"] == 6
         assert httpx.get(f"{url}/docs").status_code == 200
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)

@@ -12,10 +12,8 @@ import ast
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -36,6 +34,7 @@ from api.client import (
     TargetError,
     rotations,
 )
+from api.local_server import LocalServer, free_port
 from catalog.errors import InvalidInputError, NDSError
 from catalog.images import list_image_files
 from tests.conftest import write_images
@@ -46,12 +45,6 @@ REPO = Path(__file__).resolve().parents[1]
 NDS = str(Path(sys.executable).parent / "nds")
 PER_LABEL = 30
 INDEX_ARGS = ["--clusters", "2", "--epochs", "8", "--image-size", "32", "--width", "8", "--min-steps", "60"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_backbone(path: Path, size: int = 32) -> Path:
@@ -102,29 +95,8 @@ def server(tmp_path_factory):
     for name in ("stripes", "noise"):
         nds("datasets", "add", name, str(data / name))
     results = {name: json.loads(nds("index", name, *INDEX_ARGS, "--backbone", f"onnx:{backbone}", "--json")) for name in ("stripes", "noise")}
-    port = free_port()
-    log = (root / "serve.log").open("wb")
-    proc = subprocess.Popen([NDS, "serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-                            env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, (root / "serve.log").read_text()
-            time.sleep(0.1)
-        yield SimpleNamespace(url=url, root=root, data=data, index=results, port=port)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
+    with LocalServer(env, root / "serve.log", cwd=root) as serving:
+        yield SimpleNamespace(url=serving.url, root=root, data=data, index=results, port=serving.port)
 
 
 @pytest.fixture(scope="module")

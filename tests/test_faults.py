@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,48 +18,10 @@ import pytest
 from PIL import Image
 from sqlalchemy import create_engine, text
 
+from api.local_server import LocalServer
 from tests.conftest import write_images
 
 NDS = os.path.join(os.path.dirname(sys.executable), "nds")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`nds serve` in its own process (embedded default), started and killed like a real one."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.env, self.log, self.port, self.proc = env, log, free_port(), None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([NDS, "serve", "--port", str(self.port), "--log-level", "warning"], env=self.env,
-                                     stdout=self.log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
-        for _ in range(200):
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.05)
-        raise AssertionError(f"nds serve did not start: {self.log.read_text()[-2000:]}")
-
-    def kill(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=20)
 
 
 def catalog_rows(home: Path) -> dict[str, list]:
@@ -86,7 +47,7 @@ def test_api_killed_during_registration_leaves_the_dataset_complete_or_absent(cl
     env = {**os.environ, **cli_env, "NDS_SCAN_WORKERS": "1"}
     home = Path(cli_env["NDS_HOME"])
     subprocess.run([NDS, "db", "upgrade"], env=env, check=True, capture_output=True)
-    server = Server(env, tmp_path / "server.log")
+    server = LocalServer(env, tmp_path / "server.log")
     server.start()
     try:
         job_id = httpx.post(f"{server.url}/v1/datasets", json={"name": "big", "path": str(folder)}).json()["job_id"]

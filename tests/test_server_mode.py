@@ -11,6 +11,7 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
+from api.local_server import LocalServer
 from tests.conftest import write_images
 from tests.server_mode import server_env, server_home, server_settings, worker  # noqa: F401 - fixtures
 
@@ -165,12 +166,8 @@ def test_postgres_restart_under_load_fails_cleanly_then_recovers(services, serve
     with CatalogContext.open(server_settings) as ctx:
         ds = add_indexed_dataset(ctx, "pg-load", clusters=3, labels=["x", "y"], samples_per_group=20)
     scores = {str(e): 0.4 + 0.1 * c for c, e in ds.expert_ids.items()}
-    env = server_env(server_settings)
-    port = _free_port()
-    nds_bin = os.path.join(os.path.dirname(sys.executable), "nds")
-    proc = subprocess.Popen([nds_bin, "serve", "--port", str(port), "--log-level", "warning"], env=env,
-                            stdout=(tmp_path / "serve.log").open("wb"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    server = LocalServer(server_env(server_settings), tmp_path / "serve.log")
+    url = server.url
     statuses: Counter = Counter()
     bad: list[str] = []
     stop = threading.Event()
@@ -195,12 +192,7 @@ def test_postgres_restart_under_load_fails_cleanly_then_recovers(services, serve
                     bad.append(f"503 without saying why: {r.text[:200]}")
 
     try:
-        for _ in range(200):
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.05)
+        server.start()
         threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
         for t in threads:
             t.start()
@@ -212,7 +204,7 @@ def test_postgres_restart_under_load_fails_cleanly_then_recovers(services, serve
         for t in threads:
             t.join(timeout=60)
         assert served_before > 0 and sum(statuses.values()) > served_before
-        assert not bad, (bad[:5], (tmp_path / "serve.log").read_text()[-3000:])
+        assert not bad, (bad[:5], server.output()[-3000:])
         # after the restart every request succeeds again
         with httpx.Client(base_url=url, timeout=30) as http:
             for i in range(10):
@@ -221,13 +213,4 @@ def test_postgres_restart_under_load_fails_cleanly_then_recovers(services, serve
         print(f"\nPostgreSQL restart under load: {dict(statuses)}")
     finally:
         stop.set()
-        proc.terminate()
-        proc.wait(timeout=20)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        server.stop()
