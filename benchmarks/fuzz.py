@@ -24,8 +24,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 ADMIN_KEY = "fuzz-admin-key-" + "k" * 32
 
 
@@ -55,16 +53,14 @@ class FuzzReport:
 def fuzz_app(work: Path) -> Iterator[tuple[object, dict[str, str]]]:
     """The app over a small but complete catalog, and the headers of an admin."""
     from fastapi.testclient import TestClient
-    from sqlmodel import Session, select
 
     from api.app import create_app
     from catalog import access
     from catalog.context import CatalogContext
     from catalog.db import session_scope, upgrade
-    from catalog.models import Expert, Sample
     from catalog.retrieval import QueryRequest, run_query
     from catalog.settings import load_settings
-    from catalog.synthetic import add_indexed_dataset
+    from catalog.synthetic import add_files_and_vectors, add_indexed_dataset
 
     data = work / "data"
     data.mkdir(parents=True, exist_ok=True)
@@ -74,13 +70,7 @@ def fuzz_app(work: Path) -> Iterator[tuple[object, dict[str, str]]]:
     with CatalogContext.open(settings) as ctx:
         a = add_indexed_dataset(ctx, "alpha", clusters=2, labels=["x", "y"], samples_per_group=3)
         b = add_indexed_dataset(ctx, "beta", clusters=2, labels=["x"], samples_per_group=3)
-        with Session(ctx.engine) as session:
-            for expert in session.exec(select(Expert)).all():
-                ctx.artifacts.write_bytes(expert.artifact, b"model")
-            samples = session.exec(select(Sample.id, Sample.dataset_id, Sample.label)).all()
-        ctx.vectors.ensure_collection("emb-synthetic", 8)
-        ctx.vectors.upsert("emb-synthetic", [s[0] for s in samples], np.random.default_rng(0).normal(size=(len(samples), 8)) + 0.1,
-                           [{"dataset_id": s[1], "label": s[2], "cluster_id": 0} for s in samples])
+        add_files_and_vectors(ctx)
         with session_scope(ctx.engine) as session:
             access.create_key(session=session, name="client", role="client")
             access.set_access(session=session, dataset_id=b.dataset_id, restricted=True, keys=["client"])

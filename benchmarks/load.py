@@ -32,10 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SERVICES = ROOT / "tests" / "services.sh"
 
 
-def _read_env(path: Path) -> dict[str, str]:
-    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
-
-
 def build_catalog(settings, n: int) -> tuple[dict[str, float], str]:  # noqa: ANN001 - Settings
     from catalog import access
     from catalog.context import CatalogContext
@@ -103,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from api.local_server import LocalServer
     from catalog.settings import load_settings
+    from tests.services import Services
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=32)
@@ -120,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(["bash", str(SERVICES), "start", str(work / "services")], check=True)
         server = None
         try:
-            env_vars = _read_env(work / "services" / "env")
-            settings = load_settings(home=work / "home", database_url=env_vars["NDS_TEST_DATABASE_URL"],
-                                     broker_url=env_vars["NDS_TEST_BROKER_URL"], qdrant_url=None, data_roots=[work])
+            services = Services.from_dir(work / "services")
+            settings = load_settings(home=work / "home", database_url=services.database_url,
+                                     broker_url=services.broker_url, qdrant_url=None, data_roots=[work])
             t = time.perf_counter()
             scores, key = build_catalog(settings, args.samples)
             console.log(f"catalog of {args.samples:,} samples in PostgreSQL built in {time.perf_counter() - t:.0f} s")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -84,6 +85,10 @@ class ArtifactStore:
 
     def write_bytes(self, key: str, data: bytes) -> Path:
         return self.write_with(key, lambda p: p.write_bytes(data))
+
+    def copy_in(self, key: str, source: Path) -> Path:
+        """Copy the file ``source`` into the store as ``key`` (temp file, fsync, rename)."""
+        return self.write_with(key, lambda p: shutil.copyfile(source, p))
 
     def delete(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)

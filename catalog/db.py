@@ -59,7 +59,8 @@ def unavailable_database(exc: BaseException) -> ServiceUnavailableError | None:
     connection dropped), or None when ``exc`` is something else. The one place where
     SQLAlchemy's connection errors are translated."""
     if isinstance(exc, OperationalError | InterfaceError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
-        reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0] if str(getattr(exc, "orig", exc)).strip() else type(exc).__name__
+        text = str(getattr(exc, "orig", exc)).strip()
+        reason = text.splitlines()[0] if text else type(exc).__name__
         if isinstance(exc, OperationalError) and "locked" in reason:
             return ServiceUnavailableError(f"the catalog database is busy: {reason}", hint="retry in a moment")
         return ServiceUnavailableError(

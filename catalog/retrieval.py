@@ -77,15 +77,14 @@ class GroupTable:
     label: list[str | None]   # (G,)
     size: np.ndarray          # int64 (G,)
     mass: np.ndarray          # float64 (G,), sums to 1
-    cell: np.ndarray | None = None  # int64 (G,): dense id of the group's (dataset, cluster), for summaries
 
     def cells(self) -> tuple[np.ndarray, np.ndarray]:
-        """(C, 2) array of the distinct (dataset_id, cluster) pairs, and each group's row in it."""
-        if self.cell is not None:
-            first = np.unique(self.cell, return_index=True)[1]
-            return np.stack([self.dataset_id[first], self.cluster[first]], axis=1), self.cell
-        cells, inverse = np.unique(np.stack([self.dataset_id, self.cluster], axis=1), axis=0, return_inverse=True)
-        return cells, inverse.reshape(-1)
+        """(C, 2) array of the distinct (dataset_id, cluster) pairs, sorted, and each group's row in it.
+        One 1-D unique over a combined key (a 2-D ``numpy.unique(axis=0)`` costs ten times more)."""
+        dataset_rank = np.unique(self.dataset_id, return_inverse=True)[1].reshape(-1)
+        key = dataset_rank * (int(self.cluster.max(initial=0)) + 1) + self.cluster
+        _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+        return np.stack([self.dataset_id[first], self.cluster[first]], axis=1), inverse.reshape(-1)
 
     @property
     def weight(self) -> np.ndarray:
@@ -275,14 +274,12 @@ def build_groups(
     if total <= 0:
         raise _field_error("the scores and priors give no sample any weight", "label_priors" if request.label_priors else "expert_scores",
                            "check that the priors name labels the scored clusters contain")
-    cell_offsets = np.cumsum([0] + [int(per_dataset[d].cluster.max(initial=-1)) + 1 for d in order])
     table = GroupTable(
         dataset_id=np.concatenate(parts_ds),
         cluster=np.concatenate([per_dataset[d].cluster for d in order]),
         label=[lab for d in order for lab in per_dataset[d].label],
         size=np.concatenate([per_dataset[d].size for d in order]),
         mass=mass / total,
-        cell=np.concatenate([per_dataset[d].cluster + cell_offsets[i] for i, d in enumerate(order)]),
     )
     return table, versions, names, sorted(ignored)
 
@@ -547,6 +544,7 @@ def iter_manifest(ctx: CatalogContext, query: Query, *, offset: int = 0, limit: 
             picks = read(start, min(start + chunk, stop))
             found: dict[tuple[int, int], tuple[int, str, str | None]] = {}  # (group, rank) -> (sample id, uri, label)
             scattered: dict[int, list[tuple[int, list[int]]]] = {}          # dataset -> [(group, ranks)]
+            lookups = []                                                     # the SQL selects resolving this chunk
             bounds = np.flatnonzero(np.diff(picks.group)) + 1  # picks are sorted by group
             for lo, hi in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(picks.group)]])):
                 g = int(picks.group[lo])
@@ -554,29 +552,22 @@ def iter_manifest(ctx: CatalogContext, query: Query, *, offset: int = 0, limit: 
                 d = int(table.dataset_id[g])
                 if len(ranks) > 64 and ranks[-1] - ranks[0] < 4 * len(ranks):  # dense: one range scan
                     lab = table.label[g]
-                    for rank, sid, uri, slabel in session.exec(
-                        _ASSIGNED.where(Assignment.dataset_id == d, Assignment.index_version == versions[d],
-                                        Assignment.cluster == int(table.cluster[g]),
-                                        Assignment.label.is_(None) if lab is None else Assignment.label == lab,
-                                        Assignment.rank.between(ranks[0], ranks[-1]))
-                    ).all():
-                        found[(g, rank)] = (sid, uri, slabel)
+                    lookups.append(_ASSIGNED.where(Assignment.dataset_id == d, Assignment.index_version == versions[d],
+                                                   Assignment.cluster == int(table.cluster[g]),
+                                                   Assignment.label.is_(None) if lab is None else Assignment.label == lab,
+                                                   Assignment.rank.between(ranks[0], ranks[-1])))
                 else:
                     scattered.setdefault(d, []).append((g, ranks))
             for d, groups in scattered.items():
                 labelled = [(int(table.cluster[g]), table.label[g], r) for g, ranks in groups if table.label[g] is not None for r in ranks]
                 unlabelled = [(int(table.cluster[g]), r) for g, ranks in groups if table.label[g] is None for r in ranks]
-                where = (Assignment.dataset_id == d, Assignment.index_version == versions[d])
-                results = []
+                in_version = (Assignment.dataset_id == d, Assignment.index_version == versions[d])
                 if labelled:
-                    results += session.exec(
-                        _ASSIGNED_BY_GROUP.where(*where, tuple_(Assignment.cluster, Assignment.label, Assignment.rank).in_(labelled))
-                    ).all()
+                    lookups.append(_ASSIGNED.where(*in_version, tuple_(Assignment.cluster, Assignment.label, Assignment.rank).in_(labelled)))
                 if unlabelled:
-                    results += session.exec(
-                        _ASSIGNED_BY_GROUP.where(*where, Assignment.label.is_(None), tuple_(Assignment.cluster, Assignment.rank).in_(unlabelled))
-                    ).all()
-                for cluster, label, rank, sid, uri, slabel in results:
+                    lookups.append(_ASSIGNED.where(*in_version, Assignment.label.is_(None), tuple_(Assignment.cluster, Assignment.rank).in_(unlabelled)))
+            for lookup in lookups:
+                for d, cluster, label, rank, sid, uri, slabel in session.exec(lookup).all():
                     found[(group_of[(d, cluster, label)], rank)] = (sid, uri, slabel)
             rows: list[ManifestRow] = []
             for g, rank, count in zip(picks.group.tolist(), picks.rank.tolist(), picks.count.tolist()):
@@ -587,8 +578,7 @@ def iter_manifest(ctx: CatalogContext, query: Query, *, offset: int = 0, limit: 
             yield rows
 
 
-_ASSIGNED = select(Assignment.rank, Sample.id, Sample.uri, Sample.label).join(Sample, Sample.id == Assignment.sample_id)
-_ASSIGNED_BY_GROUP = select(Assignment.cluster, Assignment.label, Assignment.rank, Sample.id, Sample.uri, Sample.label).join(
+_ASSIGNED = select(Assignment.dataset_id, Assignment.cluster, Assignment.label, Assignment.rank, Sample.id, Sample.uri, Sample.label).join(
     Sample, Sample.id == Assignment.sample_id
 )
 

@@ -13,7 +13,6 @@ downloadable.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +39,7 @@ def publish_backbone(ctx: CatalogContext, backbone: Any) -> dict | None:  # noqa
     model_key, info_key = _keys(backbone.version)
     if ctx.artifacts.exists(info_key):
         return json.loads(ctx.artifacts.open_path(info_key).read_text())
-    with ctx.artifacts.writing(model_key) as tmp, Path(source).open("rb") as src, tmp.open("wb") as out:
-        shutil.copyfileobj(src, out, length=1 << 20)
-    path = ctx.artifacts.path(model_key)
+    path = ctx.artifacts.copy_in(model_key, Path(source))
     info = {**backbone.describe(), "sha256": sha256_file(path), "byte_size": path.stat().st_size}
     ctx.artifacts.write_bytes(info_key, json.dumps(info, indent=2).encode())  # written last: it marks the copy complete
     return info

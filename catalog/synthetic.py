@@ -98,3 +98,20 @@ def _insert_samples(ctx: CatalogContext, did: int, name: str, sizes: np.ndarray,
                 if len(batch_s) >= chunk:
                     flush()
     flush()
+
+
+def add_files_and_vectors(ctx: CatalogContext, *, dim: int = 8, seed: int = 0) -> int:
+    """Give every expert of the catalog a (fake) model file in the artifact store and every
+    sample a random unit vector in the ``synthetic`` space (collection ``emb-synthetic``, the
+    backbone :func:`add_indexed_dataset` records): what downloads, search and catalog moves
+    read. Returns the number of points."""
+    from sqlmodel import Session, select
+
+    with Session(ctx.engine) as session:
+        for expert in session.exec(select(Expert)).all():
+            ctx.artifacts.write_bytes(expert.artifact, f"model {expert.id}".encode())
+        samples = session.exec(select(Sample.id, Sample.dataset_id, Sample.label).order_by(Sample.id)).all()
+    ctx.vectors.ensure_collection("emb-synthetic", dim)
+    vectors = np.random.default_rng(seed).normal(size=(len(samples), dim)) + 0.1
+    ctx.vectors.upsert("emb-synthetic", [s[0] for s in samples], vectors, [{"dataset_id": s[1], "label": s[2], "cluster_id": 0} for s in samples])
+    return len(samples)

@@ -21,7 +21,6 @@ or nothing): after a failure the target holds no rows and the copy can simply ru
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -122,8 +121,7 @@ def copy_artifacts(source: CatalogContext, target: CatalogContext, report: Trans
         if dest.is_file() and dest.stat().st_size == size:
             report.files_kept += 1
         else:
-            with target.artifacts.writing(key) as tmp, path.open("rb") as src, tmp.open("wb") as out:
-                shutil.copyfileobj(src, out, length=1 << 20)
+            target.artifacts.copy_in(key, path)
             report.files += 1
             report.bytes += size
         if progress:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,17 @@ def write_images(root: Path, *, labels=("a", "b"), n: int = 10, kind: str = "str
                 x = (rng.random((size, size, 3)) * (255 if li % 2 == 0 else 128)).astype(np.uint8)
             Image.fromarray(x).save(folder / f"{i}.png")
     return root
+
+
+def wait_job(api, job_id: str, timeout: float = 60.0) -> dict:  # noqa: ANN001 - a TestClient or an httpx.Client with a base_url
+    """Poll GET /v1/jobs/{id} until the job succeeded or failed; its JSON."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = api.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed"):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish in {timeout:g} s")
 
 
 @pytest.fixture

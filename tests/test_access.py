@@ -6,17 +6,15 @@ import hashlib
 import os
 
 import httpx
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import text
-from sqlmodel import Session, select
+from sqlmodel import Session
 
 from api.local_server import LocalServer
 from catalog import access
 from catalog.db import session_scope
-from catalog.models import Expert, Sample
-from catalog.synthetic import add_indexed_dataset
+from catalog.synthetic import add_files_and_vectors, add_indexed_dataset
 
 DIM = 8
 
@@ -32,14 +30,7 @@ def world(settings, ctx):
     from api.app import create_app
 
     datasets = {name: add_indexed_dataset(ctx, name, clusters=2, labels=["x", "y"], samples_per_group=3) for name in ("public", "secret")}
-    with Session(ctx.engine) as session:
-        for expert in session.exec(select(Expert)).all():
-            ctx.artifacts.write_bytes(expert.artifact, b"not really onnx")
-        samples = session.exec(select(Sample.id, Sample.dataset_id, Sample.label)).all()
-    ctx.vectors.ensure_collection("emb-synthetic", DIM)
-    rng = np.random.default_rng(0)
-    ctx.vectors.upsert("emb-synthetic", [s[0] for s in samples], rng.normal(size=(len(samples), DIM)) + 0.1,
-                       [{"dataset_id": s[1], "label": s[2], "cluster_id": 0} for s in samples])
+    add_files_and_vectors(ctx, dim=DIM)
     keys = {}
     with session_scope(ctx.engine) as session:
         for name, role in (("admin", "admin"), ("alice", "client"), ("bob", "client")):

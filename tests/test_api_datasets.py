@@ -5,22 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import httpx
 
 from api.local_server import LocalServer
-from tests.conftest import write_images
-
-
-def wait_job(api, job_id: str, timeout: float = 30.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = api.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed"):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} did not finish")
+from tests.conftest import wait_job, write_images
 
 
 def test_register_page_show_delete(api, data_root):
@@ -99,15 +88,10 @@ def test_nds_serve_real_process(cli_env, data_root, tmp_path):
     env = {**os.environ, **cli_env}
     nds_bin = os.path.join(os.path.dirname(sys.executable), "nds")
     subprocess.run([nds_bin, "db", "upgrade"], env=env, check=True, capture_output=True)
-    with LocalServer(env, tmp_path / "serve.log") as server:
-        url = server.url
+    with LocalServer(env, tmp_path / "serve.log") as server, httpx.Client(base_url=server.url) as http:
         folder = write_images(data_root / "src", n=3)
-        created = httpx.post(f"{url}/v1/datasets", json={"name": "src", "path": str(folder)})
+        created = http.post("/v1/datasets", json={"name": "src", "path": str(folder)})
         assert created.status_code == 201
-        for _ in range(100):
-            job = httpx.get(f"{url}/v1/jobs/{created.json()['job_id']}").json()
-            if job["status"] == "succeeded":
-                break
-            time.sleep(0.1)
-        assert httpx.get(f"{url}/v1/datasets/{created.json()['id']}").json()["num_samples"] == 6
-        assert httpx.get(f"{url}/docs").status_code == 200
+        assert wait_job(http, created.json()["job_id"], timeout=10)["status"] == "succeeded"
+        assert http.get(f"/v1/datasets/{created.json()['id']}").json()["num_samples"] == 6
+        assert http.get("/docs").status_code == 200

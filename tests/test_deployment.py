@@ -19,10 +19,10 @@ from sqlmodel import Session, SQLModel
 from catalog import access
 from catalog.context import CatalogContext
 from catalog.db import session_scope, upgrade
-from catalog.models import Expert, Sample
+from catalog.models import Sample
 from catalog.retrieval import QueryRequest, iter_manifest, run_query
 from catalog.settings import Settings, load_settings
-from catalog.synthetic import add_indexed_dataset
+from catalog.synthetic import add_files_and_vectors, add_indexed_dataset
 from tests.server_mode import reset_database
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,13 +103,7 @@ def build_source(settings: Settings) -> dict:
     with CatalogContext.open(settings) as ctx:
         a = add_indexed_dataset(ctx, "alpha", clusters=2, labels=["x", "y"], samples_per_group=4)
         b = add_indexed_dataset(ctx, "beta", clusters=3, labels=["x"], samples_per_group=5)
-        with Session(ctx.engine) as session:
-            for expert in session.exec(select(Expert)).scalars().all():
-                ctx.artifacts.write_bytes(expert.artifact, f"model {expert.id}".encode())
-            samples = session.exec(select(Sample.id, Sample.dataset_id, Sample.label)).all()
-        ctx.vectors.ensure_collection("emb-synthetic", 8)
-        vectors = np.random.default_rng(0).normal(size=(len(samples), 8)) + 0.1
-        ctx.vectors.upsert("emb-synthetic", [s[0] for s in samples], vectors, [{"dataset_id": s[1], "label": s[2], "cluster_id": 0} for s in samples])
+        points = add_files_and_vectors(ctx)
         with session_scope(ctx.engine) as session:
             access.create_key(session=session, name="team", role="client")
             access.set_access(session=session, dataset_id=b.dataset_id, restricted=True, keys=["team"])
@@ -118,7 +112,7 @@ def build_source(settings: Settings) -> dict:
         manifest = [r for chunk in iter_manifest(ctx, query) for r in chunk]
         with ctx.engine.connect() as conn:
             counts = {t.name: conn.execute(select(func.count()).select_from(t)).scalar_one() for t in SQLModel.metadata.sorted_tables}
-    return {"scores": scores, "query": query.id, "manifest": manifest, "counts": counts, "points": len(samples)}
+    return {"scores": scores, "query": query.id, "manifest": manifest, "counts": counts, "points": points}
 
 
 @pytest.mark.server

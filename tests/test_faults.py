@@ -19,7 +19,7 @@ from PIL import Image
 from sqlalchemy import create_engine, text
 
 from api.local_server import LocalServer
-from tests.conftest import write_images
+from tests.conftest import wait_job, write_images
 
 NDS = os.path.join(os.path.dirname(sys.executable), "nds")
 
@@ -72,11 +72,8 @@ def test_api_killed_during_registration_leaves_the_dataset_complete_or_absent(cl
 
         again = httpx.post(f"{server.url}/v1/datasets", json={"name": "big", "path": str(folder)})
         assert again.status_code == 201, again.text
-        for _ in range(1200):
-            job = httpx.get(f"{server.url}/v1/jobs/{again.json()['job_id']}").json()
-            if job["status"] in ("succeeded", "failed"):
-                break
-            time.sleep(0.1)
+        with httpx.Client(base_url=server.url) as http:
+            job = wait_job(http, again.json()["job_id"], timeout=120)
         assert job["status"] == "succeeded", job
         assert catalog_rows(home)["samples"] == 12_000
     finally:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from catalog.synthetic import add_indexed_dataset
-from tests.conftest import write_images
+from tests.conftest import wait_job, write_images
 
 
 @pytest.mark.parametrize("path", ["/etc", "../../etc", "{root}/../..", "{root}/../outside", "{root}/link-out"])
@@ -29,8 +29,6 @@ def test_dataset_paths_outside_the_data_roots_are_refused(api, data_root, tmp_pa
 
 
 def test_manifest_uris_that_escape_the_roots_are_skipped(api, data_root, tmp_path):
-    from tests.test_server_mode import wait_job
-
     inside = write_images(data_root / "imgs", n=2)
     secret = tmp_path / "secret.png"
     secret.write_bytes((inside / "a" / "0.png").read_bytes())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from catalog.models import Assignment, Cluster, Dataset, DatasetStatus, Expert, 
 from catalog.onnx_runtime import create_session, read_metadata, run
 from catalog.registration import RegistrationRequest, start_registration
 from catalog.settings import load_settings
-from tests.conftest import write_images
+from tests.conftest import wait_job, write_images
 
 SMALL = dict(image_size=32, epochs=1, width=8, min_steps=10)
 
@@ -206,12 +205,7 @@ def test_rest_index_experts_and_download(indexed):
     with TestClient(create_app(settings)) as api:
         resp = api.post(f"/v1/datasets/{ids['stripes']}/index", json={"clusters": 2, **SMALL})
         assert resp.status_code == 202, resp.text
-        job_id = resp.json()["id"]
-        for _ in range(600):
-            job = api.get(f"/v1/jobs/{job_id}").json()
-            if job["status"] in ("succeeded", "failed"):
-                break
-            time.sleep(0.1)
+        job = wait_job(api, resp.json()["id"], timeout=60)
         assert job["status"] == "succeeded", job
         assert api.post(f"/v1/datasets/{ids['stripes']}/index", json={"clusters": 0}).json()["field"] == "clusters"
         assert api.post(f"/v1/datasets/{ids['stripes']}/index", json={"clusters": 1000}).json()["field"] == "clusters"

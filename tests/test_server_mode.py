@@ -12,20 +12,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.local_server import LocalServer
-from tests.conftest import write_images
+from tests.conftest import wait_job, write_images
 from tests.server_mode import server_env, server_home, server_settings, worker  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.server
-
-
-def wait_job(api, job_id: str, timeout: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = api.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed"):
-            return job
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} did not finish in {timeout}s")
 
 
 def test_api_registration_runs_on_the_celery_worker(server_settings, worker):

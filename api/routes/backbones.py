@@ -8,6 +8,7 @@ from fastapi import APIRouter, Header, Path, Response
 from fastapi.responses import FileResponse
 
 from api.deps import CtxDep, PrincipalDep, SessionDep
+from api.files import ONNX_RESPONSES, file_with_etag
 from catalog.spaces import list_spaces, space_model
 
 router = APIRouter(prefix="/v1/backbones", tags=["backbones"])
@@ -20,11 +21,7 @@ def backbones(session: SessionDep, ctx: CtxDep, principal: PrincipalDep) -> dict
     return {"data": spaces, "count": len(spaces)}
 
 
-@router.get(
-    "/{version}/model.onnx",
-    response_class=FileResponse,
-    responses={200: {"content": {"application/octet-stream": {}}}, 304: {"description": "Not modified (If-None-Match)"}},
-)
+@router.get("/{version}/model.onnx", response_class=FileResponse, responses=ONNX_RESPONSES)
 def backbone_model(
     version: Annotated[str, Path(max_length=200)],
     session: SessionDep,
@@ -34,8 +31,4 @@ def backbone_model(
 ) -> Response:
     """The backbone's ONNX file (embeds images into the space); the ETag is its sha256."""
     path, space = space_model(ctx, version, session=session, principal=principal)
-    etag = f'"{space["sha256"]}"'
-    if if_none_match and etag in {tag.strip() for tag in if_none_match.split(",")}:
-        return Response(status_code=304, headers={"ETag": etag})
-    return FileResponse(path, media_type="application/octet-stream", filename=f"backbone-{version}.onnx",
-                        headers={"ETag": etag, "X-Content-SHA256": space["sha256"]})
+    return file_with_etag(path, sha256=space["sha256"], filename=f"backbone-{version}.onnx", if_none_match=if_none_match)

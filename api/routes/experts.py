@@ -8,6 +8,7 @@ from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import FileResponse
 
 from api.deps import MAX_ID, IdPath, CtxDep, LimitDep, OffsetDep, PrincipalDep, SessionDep
+from api.files import ONNX_RESPONSES, file_with_etag
 from catalog.experts import get_expert, list_experts
 from catalog.models import ExpertKind, ExpertPublic, ExpertsPublic
 
@@ -33,11 +34,7 @@ def expert(expert_id: IdPath, session: SessionDep, principal: PrincipalDep) -> E
     return ExpertPublic.model_validate(get_expert(session=session, expert_id=expert_id, principal=principal))
 
 
-@router.get(
-    "/{expert_id}/model.onnx",
-    response_class=FileResponse,
-    responses={200: {"content": {"application/octet-stream": {}}}, 304: {"description": "Not modified (If-None-Match)"}},
-)
+@router.get("/{expert_id}/model.onnx", response_class=FileResponse, responses=ONNX_RESPONSES)
 def expert_model(
     expert_id: IdPath,
     session: SessionDep,
@@ -47,13 +44,5 @@ def expert_model(
 ) -> Response:
     """The expert's ONNX file; the ETag is its sha256."""
     found = get_expert(session=session, expert_id=expert_id, principal=principal)
-    etag = f'"{found.sha256}"'
-    if if_none_match and etag in {tag.strip() for tag in if_none_match.split(",")}:
-        return Response(status_code=304, headers={"ETag": etag})
-    path = ctx.artifacts.open_path(found.artifact)
-    return FileResponse(
-        path,
-        media_type="application/octet-stream",
-        filename=f"expert-{found.id}.onnx",
-        headers={"ETag": etag, "X-Content-SHA256": found.sha256},
-    )
+    return file_with_etag(ctx.artifacts.open_path(found.artifact), sha256=found.sha256, filename=f"expert-{found.id}.onnx",
+                          if_none_match=if_none_match)
