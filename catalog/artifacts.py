@@ -57,7 +57,11 @@ class ArtifactStore:
         files whose loss a crash may cost (query picks) skip it, like the embedded SQLite
         catalog's own commits do (WAL with synchronous=NORMAL).
         """
-        target = self.path(key)
+        with self._writing(key, self.path(key), durable=durable) as tmp:
+            yield tmp
+
+    @contextmanager
+    def _writing(self, key: str, target: Path, *, durable: bool) -> Iterator[Path]:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=target.suffix, dir=target.parent)
@@ -79,9 +83,10 @@ class ArtifactStore:
             raise
 
     def write_with(self, key: str, writer: Callable[[Path], None], *, durable: bool = True) -> Path:
-        with self.writing(key, durable=durable) as tmp:
+        target = self.path(key)
+        with self._writing(key, target, durable=durable) as tmp:
             writer(tmp)
-        return self.path(key)
+        return target
 
     def write_bytes(self, key: str, data: bytes) -> Path:
         return self.write_with(key, lambda p: p.write_bytes(data))

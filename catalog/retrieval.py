@@ -94,19 +94,29 @@ class GroupTable:
 
 @dataclass
 class Picks:
-    """What a query selected: (group, rank) pairs with how many times each was drawn."""
+    """What a query selected: each picked (group, rank) once, with how many times it was drawn.
 
-    group: np.ndarray   # int64 (U,), index into the GroupTable
-    rank: np.ndarray    # int64 (U,)
-    count: np.ndarray   # int64 (U,)
-    selected: np.ndarray | None = None  # int64 (G,): draws per group, when the sampler knows them
+    Sorted by group, then rank: the picks of group g are the ``unique[g]`` rows after those
+    of groups 0..g-1, so a pick's group follows from the per-group numbers.
+    """
 
-    def per_group(self, G: int) -> tuple[np.ndarray, np.ndarray]:
-        """(draws, unique picks) per group, int64 (G,) each."""
-        unique = np.bincount(self.group, minlength=G)
-        if self.selected is not None:
-            return self.selected, unique
-        return np.bincount(self.group, weights=self.count, minlength=G).astype(np.int64), unique
+    rank: np.ndarray      # int (U,): rank inside its group
+    count: np.ndarray     # int (U,): draws of this sample (1 without replacement)
+    selected: np.ndarray  # int64 (G,): draws per group
+    unique: np.ndarray    # int64 (G,): picks (distinct samples) per group
+
+    @property
+    def group(self) -> np.ndarray:
+        """int64 (U,): each pick's group."""
+        return np.repeat(np.arange(len(self.unique), dtype=np.int64), self.unique)
+
+
+class PickSlice(NamedTuple):
+    """Rows [start, stop) of a stored query's picks, with their groups."""
+
+    group: np.ndarray  # int64
+    rank: np.ndarray   # int64
+    count: np.ndarray  # int64
 
 
 # --------------------------------------------------------------------------- validation
@@ -185,13 +195,13 @@ def build_groups(
     versions: dict[int, int] = {}
     if request.expert_scores:
         ids = list(request.expert_scores)
-        rows = conn.execute(_EXPERTS_WITH_DATASETS, {"ids": ids}).all()  # experts and their datasets, one round trip
+        rows = conn.execute(_EXPERTS_WITH_DATASETS, {"ids": ids}).tuples().all()  # experts and their datasets, one round trip
         visible = visible_dataset_ids(session=conn, principal=principal, among=sorted({r[1] for r in rows}))
-        if visible is not None:
-            rows = [r for r in rows if r[1] in visible]
-        experts = {r[0]: (r[1], str(getattr(r[2], "value", r[2])), r[3], r[4]) for r in rows}
-        names.update((r[1], r[5]) for r in rows)
-        versions.update((r[1], r[6]) for r in rows)
+        for eid, did, kind, cluster, version, name, current in rows:
+            if visible is None or did in visible:
+                experts[eid] = (did, kind.value if isinstance(kind, ExpertKind) else str(kind), cluster, version)
+                names[did] = name
+                versions[did] = current
         unknown = [i for i in ids if i not in experts]
         if unknown:
             raise _field_error(f"unknown expert ids: {unknown[:10]}", "expert_scores", "GET /v1/experts lists the current experts; pull them again")
@@ -296,23 +306,27 @@ def sample_groups(table: GroupTable, budget: int, *, replacement: bool, seed: in
     G = len(table.size)
     if replacement:
         counts = rng.multinomial(budget, table.mass)
-        group_of_draw = np.repeat(np.arange(G, dtype=np.int64), counts)  # sorted by group
-        ranks = (rng.random(len(group_of_draw)) * table.size[group_of_draw]).astype(np.int64)
-        offsets = np.zeros(G, dtype=np.int64)
+        if budget == 0:
+            return Picks(np.zeros(0, np.int64), np.zeros(0, np.int64), counts, np.zeros(G, np.int64))
+        index = np.int32 if int(table.size.sum()) < 2**31 else np.int64  # half the bytes to move and sort
+        offsets = np.zeros(G, dtype=index)  # where each group starts in the concatenation of all groups
         np.cumsum(table.size[:-1], out=offsets[1:])
-        keys = offsets[group_of_draw] + ranks  # group-major: sorting moves draws only inside their group
-        if int(table.size.sum()) < 2**31:
-            keys = keys.astype(np.int32)  # half the bytes to sort
-        keys.sort()  # by group, then rank; group_of_draw still holds each position's group
-        if len(keys) == 0:
-            empty = np.zeros(0, dtype=np.int64)
-            return Picks(empty, empty, empty)
-        first = np.empty(len(keys), dtype=bool)
+        keys = rng.random(budget)
+        keys *= np.repeat(table.size.astype(np.float64), counts)   # draws are in group order: repeat, no gather
+        keys = keys.astype(index)                                   # floor: a uniform rank inside the group
+        keys += np.repeat(offsets, counts)                          # group-major position: sorting keeps groups in order
+        keys.sort()
+        first = np.empty(budget, dtype=bool)
         first[0] = True
         np.not_equal(keys[1:], keys[:-1], out=first[1:])
         starts = np.flatnonzero(first)
-        group = group_of_draw[starts]
-        return Picks(group, keys[starts].astype(np.int64) - offsets[group], np.diff(starts, append=len(keys)).astype(np.int64), counts)
+        picked = keys[starts]
+        drawn = np.empty(len(starts), dtype=np.int64)  # draws of each pick: the gaps between first occurrences
+        np.subtract(starts[1:], starts[:-1], out=drawn[:-1])
+        drawn[-1] = budget - starts[-1]
+        unique = np.diff(np.searchsorted(picked, offsets), append=len(picked)).astype(np.int64)
+        picked -= np.repeat(offsets, unique)
+        return Picks(picked, drawn, counts, unique)
     counts = np.zeros(G, dtype=np.int64)
     capacity = np.where(table.mass > 0, table.size, 0)
     remaining = int(min(budget, capacity.sum()))
@@ -321,16 +335,10 @@ def sample_groups(table: GroupTable, budget: int, *, replacement: bool, seed: in
         draw = np.minimum(rng.multinomial(remaining, share / share.sum()), capacity - counts)  # a full group spills over
         counts += draw
         remaining -= int(draw.sum())
-    groups, ranks = [], []
-    for g in np.flatnonzero(counts):
-        n, size = int(counts[g]), int(table.size[g])
-        groups.append(np.full(n, g, dtype=np.int64))
-        ranks.append(np.sort(rng.choice(size, n, replace=False)) if n < size else np.arange(size, dtype=np.int64))
-    if not groups:
-        empty = np.zeros(0, dtype=np.int64)
-        return Picks(empty, empty, empty)
-    group = np.concatenate(groups)
-    return Picks(group, np.concatenate(ranks).astype(np.int64), np.ones(len(group), dtype=np.int64), counts)
+    ranks = [np.sort(rng.choice(int(table.size[g]), int(counts[g]), replace=False)) if counts[g] < table.size[g] else np.arange(int(table.size[g]))
+             for g in np.flatnonzero(counts)]
+    rank = np.concatenate(ranks).astype(np.int64) if ranks else np.zeros(0, np.int64)
+    return Picks(rank, np.ones(len(rank), dtype=np.int64), counts, counts.copy())
 
 
 # --------------------------------------------------------------------------- summary
@@ -352,8 +360,7 @@ def recommend_recipe(request: QueryRequest, best_score: float | None) -> dict[st
 
 
 def summarize(table: GroupTable, picks: Picks, request: QueryRequest, datasets: Mapping[int, str], ignored: list[int]) -> dict[str, Any]:
-    G = len(table.size)
-    selected, unique = picks.per_group(G)
+    selected, unique = picks.selected, picks.unique
     cells, inverse = table.cells()  # groups aggregate to (dataset, cluster) cells
     C = len(cells)
     cell_selected = np.bincount(inverse, weights=selected, minlength=C).astype(np.int64).tolist()
@@ -448,7 +455,7 @@ def save_picks(ctx: CatalogContext, query_id: str, table: GroupTable, picks: Pic
         "format": PICKS_FORMAT, "groups": G, "rows": int(len(picks.rank)), "rank_dtype": rank_dtype,
         "count_dtype": count_dtype, "labels": list(table.label),
     }).encode()
-    _, per_group = picks.per_group(G)
+    per_group = picks.unique
 
     parts = [struct.pack("<Q", len(header)), header] + [
         np.asarray(array).astype(dtype, copy=False).tobytes()
@@ -464,7 +471,7 @@ def save_picks(ctx: CatalogContext, query_id: str, table: GroupTable, picks: Pic
 
 
 @contextmanager
-def open_picks(ctx: CatalogContext, query_id: str) -> Iterator[tuple[GroupTable, int, Callable[[int, int], Picks]]]:
+def open_picks(ctx: CatalogContext, query_id: str) -> Iterator[tuple[GroupTable, int, Callable[[int, int], PickSlice]]]:
     """The group table, the number of picks, and a reader of picks[start:stop]."""
     with ctx.artifacts.open_path(f"{PICKS_PREFIX}/{query_id}.picks").open("rb") as fh:
         (length,) = struct.unpack("<Q", fh.read(8))
@@ -480,14 +487,14 @@ def open_picks(ctx: CatalogContext, query_id: str) -> Iterator[tuple[GroupTable,
         ranks_at = 8 + length + 5 * 8 * G
         counts_at = ranks_at + total * rank_dtype.itemsize
 
-        def read(start: int, stop: int) -> Picks:
+        def read(start: int, stop: int) -> PickSlice:
             stop = max(start, min(stop, total))
             fh.seek(ranks_at + start * rank_dtype.itemsize)
             rank = np.fromfile(fh, dtype=rank_dtype, count=stop - start).astype(np.int64)
             fh.seek(counts_at + start * count_dtype.itemsize)
             count = np.fromfile(fh, dtype=count_dtype, count=stop - start).astype(np.int64)
             group = np.searchsorted(ends, np.arange(start, stop), side="right").astype(np.int64)
-            return Picks(group, rank, count)
+            return PickSlice(group, rank, count)
 
         yield table, total, read
 

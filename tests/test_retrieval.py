@@ -162,6 +162,31 @@ def test_sampler_is_o_g_plus_b():
     assert picks.count.sum() == 5000 and picks.rank.max() < 10**6
 
 
+@pytest.mark.parametrize("big", [False, True])
+def test_sampler_picks_are_sorted_unique_and_uniform_inside_groups(big):
+    """Each (group, rank) once, sorted, counts adding up to the budget; ranks uniform inside a group.
+    ``big``: more than 2**31 samples in all, so positions no longer fit int32."""
+    from catalog.retrieval import GroupTable
+
+    sizes = np.array([7, 1, 50, 3_000_000_000 if big else 20], dtype=np.int64)
+    table = GroupTable(np.zeros(4, np.int64), np.arange(4), [None] * 4, sizes, np.array([0.3, 0.1, 0.4, 0.2]))
+    budget = 20_000
+    picks = sample_groups(table, budget, replacement=True, seed=5)
+    group = picks.group
+    assert picks.count.sum() == budget and picks.selected.sum() == budget
+    assert np.array_equal(np.bincount(group, minlength=4), picks.unique)
+    assert np.array_equal(np.bincount(group, weights=picks.count, minlength=4).astype(np.int64), picks.selected)
+    key = group * 2**40 + picks.rank
+    assert np.all(np.diff(key) > 0)  # sorted by (group, rank), no repeats
+    assert np.all(picks.rank >= 0) and np.all(picks.rank < sizes[group])
+    assert picks.unique[1] == 1  # the one-sample group: every draw is rank 0
+    # ranks inside group 2 (50 samples, ~8,000 draws): every rank drawn, counts within 5 sigma of uniform
+    inside = np.zeros(50)
+    inside[picks.rank[group == 2]] = picks.count[group == 2]
+    n = inside.sum()
+    assert np.all(np.abs(inside - n / 50) < 5 * np.sqrt(n / 50))
+
+
 def test_bad_input_stores_nothing(catalog):
     ctx, a, b = catalog
     good = {a.expert_ids[0]: 0.5}
