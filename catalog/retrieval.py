@@ -43,6 +43,7 @@ from sqlmodel import Session, select
 from catalog.access import LOCAL, Principal, visible_dataset_ids
 from catalog.context import CatalogContext
 from catalog.errors import ConflictError, InvalidInputError, NotFoundError
+from catalog.groups import group_cells
 from catalog.models import Assignment, Dataset, Expert, ExpertKind, Group, Query, Sample
 
 DEFAULT_TEMPERATURE = 0.1
@@ -77,14 +78,11 @@ class GroupTable:
     label: list[str | None]   # (G,)
     size: np.ndarray          # int64 (G,)
     mass: np.ndarray          # float64 (G,), sums to 1
+    cell_index: tuple[np.ndarray, np.ndarray] | None = None  # cells(), when the layout already knows them
 
     def cells(self) -> tuple[np.ndarray, np.ndarray]:
-        """(C, 2) array of the distinct (dataset_id, cluster) pairs, sorted, and each group's row in it.
-        One 1-D unique over a combined key (a 2-D ``numpy.unique(axis=0)`` costs ten times more)."""
-        dataset_rank = np.unique(self.dataset_id, return_inverse=True)[1].reshape(-1)
-        key = dataset_rank * (int(self.cluster.max(initial=0)) + 1) + self.cluster
-        _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
-        return np.stack([self.dataset_id[first], self.cluster[first]], axis=1), inverse.reshape(-1)
+        """(C, 2) array of the distinct (dataset_id, cluster) pairs, sorted, and each group's row in it."""
+        return self.cell_index if self.cell_index is not None else group_cells(self.dataset_id, self.cluster)
 
     @property
     def weight(self) -> np.ndarray:
@@ -195,7 +193,7 @@ def build_groups(
     versions: dict[int, int] = {}
     if request.expert_scores:
         ids = list(request.expert_scores)
-        rows = conn.execute(_EXPERTS_WITH_DATASETS, {"ids": ids}).tuples().all()  # experts and their datasets, one round trip
+        rows = conn.execute(_EXPERTS_WITH_DATASETS, {"ids": ids}).all()  # experts and their datasets, one round trip
         visible = visible_dataset_ids(session=conn, principal=principal, among=sorted({r[1] for r in rows}))
         for eid, did, kind, cluster, version, name, current in rows:
             if visible is None or did in visible:
@@ -244,53 +242,40 @@ def build_groups(
     if request.expert_scores and not cluster_scores and not request.label_priors:
         raise _field_error("none of the scored experts is a rotation expert of the datasets asked for", "expert_scores")
 
-    order = sorted(versions)
-    per_dataset = {did: ctx.groups.get(conn, did, versions[did]) for did in order}
+    layout = ctx.groups.layout(conn, versions)  # cached per set of (dataset, index version)
+    per_dataset = layout.datasets
     for did, priors in (request.label_priors or {}).items():
         if did in per_dataset:
             unknown_labels = sorted(set(priors) - per_dataset[did].labels)
             if unknown_labels:
                 raise _field_error(f"dataset {names[did]!r} has no labels {unknown_labels[:10]}", f"label_priors.{did}",
                                    f"its labels are: {', '.join(sorted(per_dataset[did].labels)[:20])}")
-    probs: dict[int, tuple[list[int], np.ndarray]] = {}  # dataset -> (its scored clusters, their p_k)
     if cluster_scores:
         keys = sorted(cluster_scores)
         p_all = softmax(normalized_scores(np.array([cluster_scores[k] for k in keys])), temperature)
-        for (d, c), prob in zip(keys, p_all.tolist()):
-            clusters_d, probs_d = probs.setdefault(d, ([], []))
-            clusters_d.append(c)
-            probs_d.append(prob)
-    with_priors = [d for d in (request.label_priors or {}) if d in per_dataset]
-    parts_mass, parts_ds = [], []
-    for did in order:
-        g = per_dataset[did]
-        if cluster_scores:
-            p = np.zeros(int(g.cluster.max(initial=-1)) + 1)
-            clusters_d, probs_d = probs.get(did, ([], []))
-            inside = [i for i, c in enumerate(clusters_d) if c < len(p)]
-            p[[clusters_d[i] for i in inside]] = [probs_d[i] for i in inside]
-            w = p[g.cluster] / np.maximum(g.cluster_size, 1)       # p_k / |k| per sample
-        else:  # priors alone: every dataset with priors gets the same mass
-            w = np.full(len(g.size), (1.0 / len(with_priors) / max(int(g.size.sum()), 1)) if did in with_priors else 0.0)
-        priors = (request.label_priors or {}).get(did)
-        if priors is not None:
+        p_cell = np.zeros(len(layout.cells))  # p_k of each (dataset, cluster); clusters without groups are left out
+        for key, prob in zip(keys, p_all.tolist()):
+            cell = layout.cell_index.get(key)
+            if cell is not None:
+                p_cell[cell] = prob
+        w = p_cell[layout.cell_of] / np.maximum(layout.cluster_size, 1)  # p_k / |k| per sample
+    else:  # priors alone: every dataset with priors gets the same mass
+        w = np.zeros(len(layout.size))
+        with_priors = [d for d in (request.label_priors or {}) if d in per_dataset]
+        for did in with_priors:
+            w[layout.slices[did]] = 1.0 / len(with_priors) / max(int(per_dataset[did].size.sum()), 1)
+    for did, priors in (request.label_priors or {}).items():
+        if did in per_dataset:  # times P_t(y) / P_s(y); unlabelled samples keep factor 1
+            g = per_dataset[did]
             pt = np.array([priors.get(lab, 0.0) if lab is not None else np.nan for lab in g.label], dtype=np.float64)
-            ratio = np.where(np.isnan(g.label_share), 1.0, pt / np.where(np.isnan(g.label_share), 1.0, g.label_share))
-            w = w * ratio
-        parts_mass.append(w * g.size)
-        parts_ds.append(np.full(len(g.size), did, dtype=np.int64))
-    mass = np.concatenate(parts_mass) if parts_mass else np.zeros(0)
+            w[layout.slices[did]] *= np.where(np.isnan(g.label_share), 1.0, pt / np.where(np.isnan(g.label_share), 1.0, g.label_share))
+    mass = w * layout.size
     total = float(mass.sum())
     if total <= 0:
         raise _field_error("the scores and priors give no sample any weight", "label_priors" if request.label_priors else "expert_scores",
                            "check that the priors name labels the scored clusters contain")
-    table = GroupTable(
-        dataset_id=np.concatenate(parts_ds),
-        cluster=np.concatenate([per_dataset[d].cluster for d in order]),
-        label=[lab for d in order for lab in per_dataset[d].label],
-        size=np.concatenate([per_dataset[d].size for d in order]),
-        mass=mass / total,
-    )
+    table = GroupTable(layout.dataset_id, layout.cluster, list(layout.label), layout.size, mass / total,
+                       cell_index=(layout.cells, layout.cell_of))
     return table, versions, names, sorted(ignored)
 
 
