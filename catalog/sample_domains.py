@@ -14,7 +14,7 @@ Domains (all RGB ``uint8`` arrays of shape ``(N, size, size, 3)``):
 - ``photos``   random crops (scale, horizontal flip, brightness/contrast) of natural photos:
   scikit-image astronaut, coffee, chelsea, rocket and scikit-learn china, flower; label = photo.
 - ``glyphs``   letters A..J rendered with varied fonts, size, rotation (+-20 degrees), stroke
-  width, position and colours; label = the letter.
+  width and position, dark ink on light paper; label = the letter.
 - ``faces``    ``skimage.data.lfw_subset`` (100 faces, 100 non-face background patches of LFW,
   25x25 grey) with light augmentation; labels "face" / "nonface".
 
@@ -398,13 +398,16 @@ def _font(path: str | None, px: int) -> ImageFont.FreeTypeFont | ImageFont.Image
     return ImageFont.truetype(path, px)
 
 
-def _colour_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    lum = np.array([0.299, 0.587, 0.114])
-    while True:
-        fg = rng.integers(0, 256, 3)
-        bg = rng.integers(0, 256, 3)
-        if abs(float(fg @ lum) - float(bg @ lum)) >= 90:
-            return fg.astype(np.float32), bg.astype(np.float32)
+def _ink_on_paper(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(ink, paper) RGB: a dark ink on a light paper, each lightly tinted, as printed text is.
+
+    (Random colour pairs made the domain a test of colour invariance rather than of letters:
+    a network pre-trained on 600 such glyphs reached 0.16-0.26 on held-out fonts, against
+    0.78-0.88 for ink on paper.)
+    """
+    paper = rng.uniform(170.0, 255.0) + rng.uniform(-15.0, 15.0, 3)
+    ink = rng.uniform(0.0, 90.0) + rng.uniform(-15.0, 15.0, 3)
+    return np.clip(ink, 0, 255).astype(np.float32), np.clip(paper, 0, 255).astype(np.float32)
 
 
 def _render_glyph(letter: str, size: int, fonts: Sequence[str | None], variant: str, rng: np.random.Generator) -> np.ndarray:
@@ -424,7 +427,7 @@ def _render_glyph(letter: str, size: int, fonts: Sequence[str | None], variant: 
     ImageDraw.Draw(mask).text((cx, cy), letter, fill=255, font=_font(path, px), anchor="mm", stroke_width=stroke, stroke_fill=255)
     mask = mask.rotate(angle, resample=Image.BILINEAR, center=(cx, cy))
     m = np.asarray(mask.resize((size, size), Image.BILINEAR), dtype=np.float32)[:, :, None] / 255.0
-    fg, bg = _colour_pair(rng)
+    fg, bg = _ink_on_paper(rng)
     img = bg * (1.0 - m) + fg * m
     img += rng.normal(0.0, 3.0, img.shape)  # a little sensor-like noise
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
