@@ -14,8 +14,9 @@ naive figure is building ``w`` (the original rebuilt it for every query, since i
 on the scores; timed once per N) plus the choice call (timed per seed); the choice call
 alone is shown too. Queries run back to back, as a server runs them: no forced garbage
 collection between them (a ``gc.collect()`` before each one, as earlier versions of this
-benchmark did, leaves the caches cold and adds about 1.8 ms to every query). Targets: naive / ours >= 50x at N = 10^7, and our p50 flat in N (p50 at the
-largest N within 1.5x of the p50 at the smallest). ``sample_groups`` alone (group masses ->
+benchmark did, leaves the caches cold and adds about 1.8 ms to every query). Targets:
+naive / ours >= 50x at N = 10^7, and our p50 flat in N (p50 at the largest N within 1.5x of
+the p50 at the smallest). ``sample_groups`` alone (group masses ->
 picks, the like-for-like counterpart of the choice call) and each stage of ``run_query`` are
 timed too, to show where the time goes. One size also goes through HTTP (POST /v1/queries,
 FastAPI TestClient) to show the overhead.

@@ -705,17 +705,16 @@ def verdict(results: dict[str, Any]) -> dict[str, Any]:
     # selection adds: it is reported, but the "every target" figures count the others. The rule
     # looks only at the no-pre-training baseline, never at the server's methods.
     saturated = sorted(t for t in targets if (_find(summary, t, NONE) or {}).get("finetune", 0.0) >= SATURATED)
-    per_method = {}
-    for m in methods:
-        informative = [t for t in targets if t not in saturated]
-        per_method[m] = {
-            "precision_targets": sorted({x["target"] for x in prec if x["method"] == m}
-                                        - {x["target"] for x in prec if x["method"] == m and not x["met"]}),
-            "margin_targets": sorted({x["target"] for x in margin if x["method"] == m and x["target"] in informative}
-                                     - {x["target"] for x in margin if x["method"] == m and not x["met"]}),
-            "whole_targets": sorted({x["target"] for x in vs_whole if x["method"] == m and x["met"]}),
-            "informative": informative,
-        }
+    informative = [t for t in targets if t not in saturated]
+
+    def met_on(cells: list[dict], method: str, among: list[str]) -> list[str]:
+        """The targets among ``among`` where ``method`` meets the figure at every budget."""
+        return sorted(t for t in among if all(x["met"] for x in cells if x["method"] == method and x["target"] == t))
+
+    per_method = {m: {"precision_targets": met_on(prec, m, targets), "margin_targets": met_on(margin, m, informative),
+                      "whole_targets": sorted(t for t in targets if any(x["met"] for x in vs_whole if x["method"] == m and x["target"] == t)),
+                      "informative": informative}
+                  for m in methods}
     return {"precision": prec, "margin_over_random": margin, "vs_whole_pool": vs_whole, "saturated": saturated, "per_method": per_method}
 
 

@@ -59,21 +59,20 @@ class GroupLayout:
 
     @classmethod
     def of(cls, datasets: dict[int, DatasetGroups]) -> GroupLayout:
-        order = sorted(datasets)
-        slices, start = {}, 0
-        for did in order:
-            n = len(datasets[did].size)
-            slices[did] = slice(start, start + n)
-            start += n
-        parts = [datasets[d] for d in order]
-        dataset_id = np.concatenate([np.full(len(g.size), d, dtype=np.int64) for d, g in zip(order, parts)]) if parts else np.zeros(0, np.int64)
-        cluster = np.concatenate([g.cluster for g in parts]) if parts else np.zeros(0, np.int64)
+        parts = [(did, datasets[did]) for did in sorted(datasets)]
+        ends = np.cumsum([len(g.size) for _, g in parts], dtype=np.int64)
+
+        def joined(arrays: list[np.ndarray]) -> np.ndarray:
+            return np.concatenate([np.zeros(0, np.int64), *arrays])
+
+        dataset_id = joined([np.full(len(g.size), did, dtype=np.int64) for did, g in parts])
+        cluster = joined([g.cluster for _, g in parts])
         cells, cell_of = group_cells(dataset_id, cluster)
         layout = cls(
-            datasets=dict(datasets), slices=slices, dataset_id=dataset_id, cluster=cluster,
-            label=tuple(lab for g in parts for lab in g.label),
-            size=np.concatenate([g.size for g in parts]) if parts else np.zeros(0, np.int64),
-            cluster_size=np.concatenate([g.cluster_size for g in parts]) if parts else np.zeros(0, np.int64),
+            datasets=dict(datasets),
+            slices={did: slice(int(end) - len(g.size), int(end)) for (did, g), end in zip(parts, ends)},
+            dataset_id=dataset_id, cluster=cluster, label=tuple(lab for _, g in parts for lab in g.label),
+            size=joined([g.size for _, g in parts]), cluster_size=joined([g.cluster_size for _, g in parts]),
             cells=cells, cell_of=cell_of, cell_index={(d, c): i for i, (d, c) in enumerate(cells.tolist())},
         )
         for array in (layout.dataset_id, layout.cluster, layout.size, layout.cluster_size, layout.cells, layout.cell_of):

@@ -31,7 +31,7 @@ import json
 import math
 import struct
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple
@@ -75,7 +75,7 @@ class GroupTable:
 
     dataset_id: np.ndarray    # int64 (G,)
     cluster: np.ndarray       # int64 (G,)
-    label: list[str | None]   # (G,)
+    label: Sequence[str | None]  # (G,)
     size: np.ndarray          # int64 (G,)
     mass: np.ndarray          # float64 (G,), sums to 1
     cell_index: tuple[np.ndarray, np.ndarray] | None = None  # cells(), when the layout already knows them
@@ -274,7 +274,7 @@ def build_groups(
     if total <= 0:
         raise _field_error("the scores and priors give no sample any weight", "label_priors" if request.label_priors else "expert_scores",
                            "check that the priors name labels the scored clusters contain")
-    table = GroupTable(layout.dataset_id, layout.cluster, list(layout.label), layout.size, mass / total,
+    table = GroupTable(layout.dataset_id, layout.cluster, layout.label, layout.size, mass / total,
                        cell_index=(layout.cells, layout.cell_of))
     return table, versions, names, sorted(ignored)
 
@@ -323,7 +323,7 @@ def sample_groups(table: GroupTable, budget: int, *, replacement: bool, seed: in
     ranks = [np.sort(rng.choice(int(table.size[g]), int(counts[g]), replace=False)) if counts[g] < table.size[g] else np.arange(int(table.size[g]))
              for g in np.flatnonzero(counts)]
     rank = np.concatenate(ranks).astype(np.int64) if ranks else np.zeros(0, np.int64)
-    return Picks(rank, np.ones(len(rank), dtype=np.int64), counts, counts.copy())
+    return Picks(rank, np.ones(len(rank), dtype=np.int64), counts, counts)  # every pick drawn once
 
 
 # --------------------------------------------------------------------------- summary
