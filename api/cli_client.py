@@ -62,7 +62,7 @@ def score(
     server: Annotated[str, typer.Option(envvar="NDS_SERVER", help="URL of the NDS server.")] = "http://127.0.0.1:8000",
     labels: Annotated[Path | None, typer.Option(help="CSV with columns path,label (paths relative to the CSV, or absolute).")] = None,
     imagefolder: Annotated[bool, typer.Option("--imagefolder", help="Labels from the folder layout TARGET/<label>/<image>.")] = False,
-    method: Annotated[str, typer.Option(help="rotation (no labels), linear-probe (needs labels) or embedding (no labels: nearest cluster centroids in the backbone space).")] = "rotation",
+    method: Annotated[str, typer.Option(help="auto (embedding where the server publishes the datasets' backbone, else rotation), rotation (no labels), linear-probe (needs labels) or embedding (no labels: nearest cluster centroids in the backbone space).")] = "auto",
     priors: Annotated[bool, typer.Option("--priors", help="Also estimate the target's label distribution per source dataset.")] = False,
     temperature: Annotated[float, typer.Option(help="Softmax temperature of the label priors.")] = 2.0,
     cache_dir: Annotated[Path | None, typer.Option(help="Where downloaded experts are kept (default ~/.cache/nds/experts).")] = None,
@@ -93,7 +93,8 @@ def score(
                               priors=priors, temperature=temperature)
     result.save(output)
 
-    table = Table(title=f"{len(result.experts)} experts ranked by {method} score on {result.num_images} images")
+    chosen = f"{result.method} (auto)" if method == "auto" else result.method
+    table = Table(title=f"{len(result.experts)} experts ranked by {chosen} score on {result.num_images} images")
     for col, justify in (("rank", "right"), ("expert", "right"), ("dataset", "left"), ("cluster", "right"), ("score", "right"), ("held-out acc.", "right")):
         table.add_column(col, justify=justify)
     for rank, e in enumerate(result.ranked(), start=1):

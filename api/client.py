@@ -5,7 +5,7 @@ The user's images never leave their machine; only numbers do::
     from api.client import NDSClient
 
     with NDSClient("http://127.0.0.1:8000") as client:
-        scores = client.score("my_images/")                      # rotation accuracy per expert
+        scores = client.score("my_images/")                      # auto: embedding votes, or rotation accuracy
         scores = client.score("my_images/", labels="imagefolder", method="linear-probe")
         priors = client.label_priors("my_images/")               # {dataset_id: {label: P_t(label)}}
         scores.save("scores.json")                               # plain JSON, never a pickle
@@ -58,6 +58,7 @@ from catalog.errors import InvalidInputError, NDSError
 from catalog.images import list_image_files, load_images, square_resize
 
 __all__ = [
+    "AUTO",
     "METHODS",
     "ClientInputError",
     "IntegrityError",
@@ -73,7 +74,10 @@ __all__ = [
     "rotations",
 ]
 
-METHODS = ("rotation", "linear-probe", "embedding")
+METHODS = ("auto", "rotation", "linear-probe", "embedding")
+#: What ``method="auto"`` (the default) does: ``embedding`` where the server publishes the backbone
+#: of every scored dataset's embedding space, else ``rotation`` (both need no labels).
+AUTO = "auto"
 SCORES_FORMAT = "nds.scores/v1"
 MANIFEST_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".parquet": "parquet"}
 DEFAULT_MEAN = (0.485, 0.456, 0.406)
@@ -859,7 +863,7 @@ class NDSClient:
         self,
         images: Any,
         labels: Any = None,
-        method: str = "rotation",
+        method: str = AUTO,
         *,
         experts: Sequence[LocalExpert] | None = None,
         batch_size: int = 256,
@@ -870,7 +874,9 @@ class NDSClient:
         """Score every rotation expert on the target ``images`` (a folder, a list of paths or a
         uint8 array (N, H, W, 3)), locally.
 
-        ``method="rotation"``: the expert's accuracy at predicting the rotation (0/90/180/270) of
+        ``method="auto"`` (the default): ``embedding`` when the server publishes the backbone of
+        every scored dataset's embedding space, else ``rotation``; the returned scores name the
+        method that ran. ``method="rotation"``: the expert's accuracy at predicting the rotation (0/90/180/270) of
         the target images; no labels. ``method="linear-probe"``: cross-validated accuracy of a
         logistic regression on the expert's standardised penultimate features, fit on ``labels``
         (a list aligned with the images, a {path: label} mapping, or "imagefolder").
@@ -895,8 +901,17 @@ class NDSClient:
             raise NDSClientError(f"the server at {self.base_url} has no rotation experts to score",
                                  hint="index a dataset first: nds index NAME")
         classifier_experts = [e for e in experts if e.kind == "classifier"] if priors else []
+        if method in (AUTO, "embedding"):
+            spaces, by_space, uncovered = self._embedding_spaces(rotation_experts)
+            if method == AUTO:
+                method = "rotation" if uncovered or not by_space else "embedding"
+            elif not by_space:
+                raise NDSClientError(
+                    f"the server at {self.base_url} publishes no backbone its experts' datasets were indexed with",
+                    hint="index the datasets with the default backbone (or onnx:<file>), or use --method rotation",
+                )
         if method == "embedding":
-            return self._score_by_embedding(target, rotation_experts, classifier_experts if priors else None,
+            return self._score_by_embedding(target, spaces, by_space, classifier_experts if priors else None,
                                             batch_size=batch_size, progress=progress, temperature=temperature)
         runners = self._runners(rotation_experts)
         cls_runners = self._runners(classifier_experts)
@@ -936,23 +951,28 @@ class NDSClient:
             result.temperature = temperature
         return result
 
-    def _score_by_embedding(
-        self, target: _Target, rotation_experts: Sequence[LocalExpert], classifier_experts: Sequence[LocalExpert] | None, *,
-        batch_size: int, progress: ProgressFn | None, temperature: float,
-    ) -> Scores:
-        """Embed the target with each space's backbone and vote for the nearest cluster centroid."""
+    def _embedding_spaces(
+        self, rotation_experts: Sequence[LocalExpert]
+    ) -> tuple[dict[str, dict], dict[str, list[LocalExpert]], list[LocalExpert]]:
+        """The server's downloadable backbones by version, the experts grouped by the embedding
+        space of their dataset, and the experts whose space has no downloadable backbone."""
         spaces = {s["version"]: s for s in self.backbones() if s.get("downloadable")}
         space_of = {int(d["id"]): d.get("backbone") for d in self.datasets()}
         by_space: dict[str, list[LocalExpert]] = {}
+        uncovered: list[LocalExpert] = []
         for e in rotation_experts:
             version = space_of.get(e.dataset_id)
             if version in spaces:
                 by_space.setdefault(version, []).append(e)
-        if not by_space:
-            raise NDSClientError(
-                f"the server at {self.base_url} publishes no backbone its experts' datasets were indexed with",
-                hint="index the datasets with the default backbone (or onnx:<file>), or use --method rotation",
-            )
+            else:
+                uncovered.append(e)
+        return spaces, by_space, uncovered
+
+    def _score_by_embedding(
+        self, target: _Target, spaces: dict[str, dict], by_space: dict[str, list[LocalExpert]],
+        classifier_experts: Sequence[LocalExpert] | None, *, batch_size: int, progress: ProgressFn | None, temperature: float,
+    ) -> Scores:
+        """Embed the target with each space's backbone and vote for the nearest cluster centroid."""
         cls_runners = self._runners(classifier_experts or [])
         sizes = [int(spaces[v]["input_size"]) for v in by_space] + [r.input_size for r in cls_runners]
         decoded = _decode(target, sizes, progress)

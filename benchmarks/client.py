@@ -134,7 +134,7 @@ def timed_score(images, experts, batch_size: int) -> dict:
 
     with NDSClient("http://127.0.0.1:9", cache_dir=None) as client:  # no server needed: the experts are local
         t0 = time.perf_counter()
-        scores = client.score(images, experts=experts, batch_size=batch_size, progress=progress)
+        scores = client.score(images, method="rotation", experts=experts, batch_size=batch_size, progress=progress)
         t1, c1 = time.perf_counter(), time.process_time()
     return {
         "inference_cpu": c1 - cpu["score"],

@@ -19,7 +19,8 @@ method is re-implemented here.
    target is never registered; only its train split is shown to the client.
 3. **selection**: per target the SDK scores every rotation expert on the train split
    (``rotation``: no labels; ``linear-probe``: the train labels; ``embedding``: no labels, the
-   share of the target nearest each cluster centroid in the backbone space) and estimates label priors
+   share of the target nearest each cluster centroid in the backbone space; what the client's
+   default, ``auto``, runs is recorded too) and estimates label priors
    (``label_priors``), then queries each budget (10% and 25% of the pool) with each method
    (rotation, linear-probe, each with and without priors, and embedding; the product's defaults otherwise:
    temperature 0.1, sampling with replacement) and downloads the manifest (csv). Baselines:
@@ -427,8 +428,10 @@ def _select(config: Config, work: Path, budgets: list[int], echo: Callable[[str]
             rot = client.score(train_paths, method="rotation", experts=experts)
             lp = client.score(train_paths, labels=train_labels, method="linear-probe", experts=experts)
             emb = client.score(train_paths, method="embedding", experts=experts)
+            default = client.score(train_paths, experts=experts)  # what a user gets without --method
             priors = client.label_priors(train_paths, experts=experts)
             scoring[tname] = {
+                "default_method": default.method,
                 "rotation": [{"dataset": e["dataset"], "cluster": e["cluster"], "score": round(e["score"], 4),
                               "heldout": e["heldout_accuracy"]} for e in rot.ranked()],
                 "linear-probe": [{"dataset": e["dataset"], "cluster": e["cluster"], "score": round(e["score"], 4)}
@@ -715,7 +718,13 @@ def verdict(results: dict[str, Any]) -> dict[str, Any]:
                       "whole_targets": sorted(t for t in targets if any(x["met"] for x in vs_whole if x["method"] == m and x["target"] == t)),
                       "informative": informative}
                   for m in methods}
-    return {"precision": prec, "margin_over_random": margin, "vs_whole_pool": vs_whole, "saturated": saturated, "per_method": per_method}
+    # The client's default (``--method auto``) picks the method per target; its selections are
+    # those of the method it picked.
+    default = {t: results["scores"].get(t, {}).get("default_method") for t in targets}
+    default_cells = [x for x in prec if default.get(x["target"]) == x["method"]]
+    return {"precision": prec, "margin_over_random": margin, "vs_whole_pool": vs_whole, "saturated": saturated, "per_method": per_method,
+            "default": {"method": default, "precision_targets": sorted({x["target"] for x in default_cells}
+                                                                        - {x["target"] for x in default_cells if not x["met"]})}}
 
 
 def _pm(mean: float | None, std: float | None, digits: int = 3) -> str:
@@ -768,6 +777,12 @@ def markdown(results: dict[str, Any]) -> str:
         p_ok = [x for x in v["precision"] if x["met"]]
         lines.append(f"- **Precision >= 0.9** (target's domain in the pool): {len(p_ok)} of {len(v['precision'])} "
                      "(target, budget, method) cells.")
+        if v.get("default"):
+            chosen = ", ".join(f"{t}: {m or 'not recorded'}" for t, m in v["default"]["method"].items())
+            met = v["default"]["precision_targets"]
+            lines.append(f"  - the client's default (`nds score` without `--method`, i.e. `auto`) scored with {chosen}; "
+                         f"its selections reach precision >= 0.9 at every budget on {len(met)} of {len(cfg['targets'])} targets"
+                         f"{': ' + ', '.join(met) if met else ''}.")
         for x in v["precision"]:
             if not x["met"]:
                 lines.append(f"  - missed: {x['target']}, budget {x['budget']}, {LABELS[x['method']]}: {x['precision']:.3f}")

@@ -255,7 +255,7 @@ def test_download_that_does_not_match_its_hash_is_refused(server, tmp_path):
 
 
 def test_rotation_ranks_the_source_domain_first(client, experts, stripes_target):
-    scores = client.score(stripes_target, experts=experts)
+    scores = client.score(stripes_target, method="rotation", experts=experts)
     assert scores.method == "rotation" and scores.num_images == 40 and scores.skipped == 0
     assert len(scores.scores) == 4 and all(0.0 <= s <= 1.0 for s in scores.scores.values())
     ranked = scores.ranked()
@@ -297,6 +297,26 @@ def test_embedding_votes_for_the_source_domain_and_backbones_are_published(clien
                  "--method", "embedding", "-o", str(out))
     assert result.exit_code == 0, result.output
     assert Scores.load(out).method == "embedding"
+
+
+def test_auto_uses_embedding_where_the_backbone_is_published_else_rotation(client, experts, stripes_target, server):
+    auto = client.score(stripes_target, experts=experts)  # the default method
+    assert auto.method == "embedding"
+    assert auto.scores == client.score(stripes_target, method="embedding", experts=experts).scores
+    # a catalog whose datasets were indexed before backbones were published lists none to download
+    sidecars = list((server.root / "home" / "artifacts" / "backbones" / "published").glob("*.json"))
+    assert len(sidecars) == 1
+    hidden = sidecars[0].with_suffix(".hidden")
+    sidecars[0].rename(hidden)
+    try:
+        assert not any(s["downloadable"] for s in client.backbones())
+        fallback = client.score(stripes_target, experts=experts)
+        assert fallback.method == "rotation"
+        assert fallback.scores == client.score(stripes_target, method="rotation", experts=experts).scores
+        with pytest.raises(NDSClientError, match="publishes no backbone"):
+            client.score(stripes_target, method="embedding", experts=experts)
+    finally:
+        hidden.rename(sidecars[0])
 
 
 def test_folder_list_and_array_give_the_same_scores(client, experts, stripes_target):
@@ -363,7 +383,7 @@ def test_scores_are_plain_json(client, experts, stripes_target, tmp_path):
     scores = client.score(stripes_target, experts=experts, priors=True)
     path = scores.save(tmp_path / "scores.json")
     raw = json.loads(path.read_text())  # plain JSON
-    assert raw["format"] == "nds.scores/v1" and raw["method"] == "rotation"
+    assert raw["format"] == "nds.scores/v1" and raw["method"] == "embedding"  # what "auto" chose
     assert set(raw["scores"]) == {str(k) for k in scores.scores}
     loaded = Scores.load(path)
     assert loaded == scores
@@ -460,7 +480,8 @@ def test_cli_score_writes_json_and_prints_a_ranked_table(server, stripes_target,
     assert "rank" in result.stdout and "held-out acc." in result.stdout and "label priors for stripes" in result.stdout
     assert "scoring experts" in result.stderr  # the progress bar
     scores = Scores.load(out)
-    assert scores.method == "rotation" and scores.num_images == 40 and scores.label_priors
+    assert scores.method == "embedding" and scores.num_images == 40 and scores.label_priors
+    assert "ranked by embedding (auto) score" in flat(result.stdout)
     top = scores.ranked()[0]
     first_row = next(line for line in result.stdout.splitlines() if line.strip("│ ").startswith("1 "))
     assert str(top["id"]) in first_row and top["dataset"] in first_row
