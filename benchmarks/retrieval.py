@@ -144,7 +144,7 @@ def time_core(cat: Catalog, budget: int, repeats: int, *, seed: int = 0) -> list
     """sample_groups alone (group masses -> picks), the like-for-like counterpart of the naive choice call."""
     if cat.table is None:
         with cat.ctx.engine.connect() as conn:
-            cat.table, _, _, _ = build_groups(cat.ctx, conn, QueryRequest(expert_scores=cat.scores, budget=budget))
+            cat.table = build_groups(cat.ctx, conn, QueryRequest(expert_scores=cat.scores, budget=budget)).table
         sample_groups(cat.table, budget, replacement=True, seed=10_000)  # warm-up
     table = cat.table
     times = []
@@ -189,11 +189,12 @@ def time_stages(cat: Catalog, budget: int, repeats: int) -> dict[str, float]:
         t0 = time.perf_counter()
         validate_request(request, max_budget=cat.ctx.settings.max_budget)
         with cat.ctx.engine.connect() as conn:
-            table, versions, names, ignored = build_groups(cat.ctx, conn, request)
+            groups = build_groups(cat.ctx, conn, request)
+            table, versions = groups.table, groups.versions
         t1 = time.perf_counter()
         picks = sample_groups(table, budget, replacement=True, seed=seed)
         t2 = time.perf_counter()
-        summary = summarize(table, picks, request, names, ignored)
+        summary = summarize(groups, picks, request)
         t3 = time.perf_counter()
         qid = str(uuid.uuid4())
         save_picks(cat.ctx, qid, table, picks)

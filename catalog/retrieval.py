@@ -109,6 +109,16 @@ class Picks:
         return np.repeat(np.arange(len(self.unique), dtype=np.int64), self.unique)
 
 
+class Groups(NamedTuple):
+    """What a query weighs: the group table and what it was built from."""
+
+    table: GroupTable
+    versions: dict[int, int]                   # index version used, per dataset
+    names: dict[int, str]                      # dataset names
+    ignored: list[int]                         # scored experts left out (classifiers have no cluster)
+    cluster_scores: dict[tuple[int, int], float]  # (dataset, cluster) -> the score of its rotation expert
+
+
 class PickSlice(NamedTuple):
     """Rows [start, stop) of a stored query's picks, with their groups."""
 
@@ -180,7 +190,7 @@ _DATASETS = select(Dataset.id, Dataset.name, Dataset.index_version).where(Datase
 
 def build_groups(
     ctx: CatalogContext, conn: Connection, request: QueryRequest, *, principal: Principal = LOCAL
-) -> tuple[GroupTable, dict[int, int], dict[int, str], list[int]]:
+) -> Groups:
     """Resolve experts and datasets, take the G groups of the active index versions, compute masses.
 
     Returns the group table, the index version used per dataset, dataset names, and the
@@ -276,7 +286,7 @@ def build_groups(
                            "check that the priors name labels the scored clusters contain")
     table = GroupTable(layout.dataset_id, layout.cluster, layout.label, layout.size, mass / total,
                        cell_index=(layout.cells, layout.cell_of))
-    return table, versions, names, sorted(ignored)
+    return Groups(table, versions, names, sorted(ignored), cluster_scores)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -329,22 +339,41 @@ def sample_groups(table: GroupTable, budget: int, *, replacement: bool, seed: in
 # --------------------------------------------------------------------------- summary
 
 
-def recommend_recipe(request: QueryRequest, best_score: float | None) -> dict[str, str]:
-    """A transfer recipe from the target's size and how similar the best experts say it is."""
+def closeness(method: str, cluster_scores: Mapping[tuple[int, int], float], names: Mapping[int, str]) -> tuple[float, str] | None:
+    """How close the nearest source domain is, from the rotation experts' scores, and how it was read.
+
+    Rotation and linear-probe scores measure each expert on its own: the best one counts.
+    Embedding scores are shares of the target nearest each cluster, so a domain split into K
+    clusters splits its votes K ways: the shares are summed per dataset and the best dataset counts."""
+    if not cluster_scores:
+        return None
+    if method == "embedding":
+        per_dataset: dict[int, float] = {}
+        for (did, _), share in cluster_scores.items():
+            per_dataset[did] = per_dataset.get(did, 0.0) + share
+        did, value = max(per_dataset.items(), key=lambda kv: kv[1])
+        return value, f"{value:.2f} of the target nearest the clusters of {names.get(did, str(did))!r}"
+    value = max(cluster_scores.values())
+    return value, f"best {method} score {value:.2f}"
+
+
+def recommend_recipe(request: QueryRequest, close: tuple[float, str] | None) -> dict[str, str]:
+    """A transfer recipe from the target's size and how close the experts say its domain is (:func:`closeness`)."""
     n = request.target_size
     method = request.score_method or "rotation"
     threshold = {"linear-probe": SIMILAR_PROBE_SCORE, "embedding": SIMILAR_EMBEDDING_SHARE}.get(method, SIMILAR_ROTATION_SCORE)
-    similar = best_score is not None and best_score >= threshold
+    similar = close is not None and close[0] >= threshold
     size_text = f"{n} target images" if n else "a target of unknown size (assumed small)"
     if n and n >= LARGE_TARGET:
         return {"recipe": "fine-tune", "reason": f"With {size_text}, pre-train on the selection and fine-tune every layer: there is enough target data to adapt the whole network."}
     if similar:
-        return {"recipe": "linear-probe", "reason": f"With {size_text} and a close source domain (best {method} score {best_score:.2f} >= {threshold}), pre-train on the selection and train a linear classifier on its frozen features."}
-    score_text = f"best {method} score {best_score:.2f} < {threshold}" if best_score is not None else "no expert scores"
+        return {"recipe": "linear-probe", "reason": f"With {size_text} and a close source domain ({close[1]} >= {threshold}), pre-train on the selection and train a linear classifier on its frozen features."}
+    score_text = f"{close[1]} < {threshold}" if close is not None else "no expert scores"
     return {"recipe": "linear-probe-early-layers", "reason": f"With {size_text} and a distant source domain ({score_text}), train a linear classifier on earlier-layer features of the network pre-trained on the selection, or fine-tune only the last block."}
 
 
-def summarize(table: GroupTable, picks: Picks, request: QueryRequest, datasets: Mapping[int, str], ignored: list[int]) -> dict[str, Any]:
+def summarize(groups: Groups, picks: Picks, request: QueryRequest) -> dict[str, Any]:
+    table, datasets, ignored = groups.table, groups.names, groups.ignored
     selected, unique = picks.selected, picks.unique
     cells, inverse = table.cells()  # groups aggregate to (dataset, cluster) cells
     C = len(cells)
@@ -370,7 +399,6 @@ def summarize(table: GroupTable, picks: Picks, request: QueryRequest, datasets: 
     notes = []
     if not request.replacement and request.budget > with_weight:
         notes.append(f"budget capped at {with_weight}: only that many samples have weight and no sample repeats")
-    best = max(request.expert_scores.values()) if request.expert_scores else None
     return {
         "budget": request.budget,
         "selected": int(selected.sum()),
@@ -383,7 +411,7 @@ def summarize(table: GroupTable, picks: Picks, request: QueryRequest, datasets: 
         "ignored_experts": ignored,
         "notes": notes,
         "datasets": sorted(per_dataset.values(), key=lambda x: -x["mass"]),
-        "recommendation": recommend_recipe(request, best),
+        "recommendation": recommend_recipe(request, closeness(request.score_method or "rotation", groups.cluster_scores, datasets)),
     }
 
 
@@ -395,9 +423,10 @@ def run_query(ctx: CatalogContext, request: QueryRequest, *, principal: Principa
     The query belongs to ``principal``'s key and sees only the datasets it may see."""
     validate_request(request, max_budget=ctx.settings.max_budget)
     with ctx.engine.connect() as conn:
-        table, versions, names, ignored = build_groups(ctx, conn, request, principal=principal)
+        groups = build_groups(ctx, conn, request, principal=principal)
+    table, versions = groups.table, groups.versions
     picks = sample_groups(table, request.budget, replacement=request.replacement, seed=request.seed)
-    summary = summarize(table, picks, request, names, ignored)
+    summary = summarize(groups, picks, request)
     query = Query(
         id=str(uuid.uuid4()),
         request=_request_json(request),

@@ -215,7 +215,7 @@ def test_bad_input_stores_nothing(catalog):
 
 
 def test_recommendation(catalog):
-    ctx, a, _ = catalog
+    ctx, a, b = catalog
     small = run_query(ctx, QueryRequest(expert_scores={a.expert_ids[0]: 0.8}, budget=10, target_size=200, score_method="rotation"))
     assert small.summary["recommendation"]["recipe"] == "linear-probe"
     far = run_query(ctx, QueryRequest(expert_scores={a.expert_ids[0]: 0.3}, budget=10, target_size=200, score_method="rotation"))
@@ -223,6 +223,17 @@ def test_recommendation(catalog):
     big = run_query(ctx, QueryRequest(expert_scores={a.expert_ids[0]: 0.3}, budget=10, target_size=5000))
     assert big.summary["recommendation"]["recipe"] == "fine-tune"
     assert all(r["recommendation"]["reason"].endswith(".") for r in (small.summary, far.summary, big.summary))
+    # embedding scores are shares of the target per cluster: a domain's clusters vote together
+    split = {a.expert_ids[0]: 0.2, a.expert_ids[1]: 0.2, a.expert_ids[2]: 0.2, b.expert_ids[0]: 0.4}
+    close = run_query(ctx, QueryRequest(expert_scores=split, budget=10, target_size=200, score_method="embedding"))
+    assert close.summary["recommendation"]["recipe"] == "linear-probe"
+    assert "0.60 of the target nearest the clusters of 'A'" in close.summary["recommendation"]["reason"]
+    spread = {a.expert_ids[0]: 0.2, a.expert_ids[1]: 0.2, b.expert_ids[0]: 0.3}  # the rest nearest other datasets' clusters
+    scattered = run_query(ctx, QueryRequest(expert_scores=spread, budget=10, target_size=200, score_method="embedding"))
+    assert scattered.summary["recommendation"]["recipe"] == "linear-probe-early-layers"
+    # rotation scores count expert by expert, never summed
+    summed = run_query(ctx, QueryRequest(expert_scores={a.expert_ids[0]: 0.3, a.expert_ids[1]: 0.3}, budget=10, target_size=200, score_method="rotation"))
+    assert summed.summary["recommendation"]["recipe"] == "linear-probe-early-layers"
 
 
 def test_rest_queries_and_manifest_formats(settings, catalog):
