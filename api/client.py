@@ -44,7 +44,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -790,37 +790,47 @@ class NDSClient:
     def pull_experts(self, cache_dir: str | os.PathLike | None = None, kind: str | None = None, *, progress: ProgressFn | None = None) -> list[LocalExpert]:
         """Download the experts missing from the cache (``cache_dir/<sha256>.onnx``); files already
         there are checked against their sha256 and downloaded again when it does not match."""
-        cache = self._cache(cache_dir)
+        return self._fetch(self._listed(kind, self._cache(cache_dir)), progress)
+
+    def _listed(self, kind: str | None, cache: Path) -> list[LocalExpert]:
+        """The server's experts as :class:`LocalExpert` entries pointing into ``cache``, nothing
+        downloaded yet (:meth:`_fetch` makes the files real)."""
         records = self.experts(kind=kind)
         names = {int(d["id"]): d.get("name", str(d["id"])) for d in self.datasets()} if records else {}
-        local: list[LocalExpert] = []
-        if progress is not None:
-            progress("download", 0, len(records))
-        for done, rec in enumerate(records, start=1):
+        listed: list[LocalExpert] = []
+        for rec in records:
             sha = str(rec.get("sha256", "")).lower()
             if not _SHA256.fullmatch(sha):
                 raise IntegrityError(f"the server lists expert {rec.get('id')} with an invalid sha256 {sha!r}")
-            path = cache / f"{sha}.onnx"
-            downloaded = False
-            if not (path.is_file() and _sha256_file(path) == sha):
-                self._download(int(rec["id"]), sha, path)
-                downloaded = True
             meta = rec.get("meta") or {}
             metrics = rec.get("metrics") or {}
             held = metrics.get("heldout_accuracy", meta.get("heldout_accuracy"))
-            local.append(
+            listed.append(
                 LocalExpert(
                     id=int(rec["id"]), kind=str(rec["kind"]), dataset_id=int(rec["dataset_id"]),
                     dataset=names.get(int(rec["dataset_id"]), str(meta.get("dataset", rec["dataset_id"]))),
-                    cluster=rec.get("cluster"), sha256=sha, path=path, input_size=int(rec.get("input_size") or meta.get("input_size")),
+                    cluster=rec.get("cluster"), sha256=sha, path=cache / f"{sha}.onnx", input_size=int(rec.get("input_size") or meta.get("input_size")),
                     mean=tuple(float(v) for v in meta.get("mean", DEFAULT_MEAN)), std=tuple(float(v) for v in meta.get("std", DEFAULT_STD)),
                     label_names=tuple(str(v) for v in meta.get("label_names") or ()),
                     heldout_accuracy=None if held is None else float(held), index_version=rec.get("index_version"),
-                    byte_size=rec.get("byte_size"), downloaded=downloaded,
+                    byte_size=rec.get("byte_size"),
                 )
             )
+        return listed
+
+    def _fetch(self, experts: Sequence[LocalExpert], progress: ProgressFn | None) -> list[LocalExpert]:
+        """Download each expert's file unless the cache holds one with its sha256."""
+        local: list[LocalExpert] = []
+        if progress is not None:
+            progress("download", 0, len(experts))
+        for done, e in enumerate(experts, start=1):
+            downloaded = False
+            if not (e.path.is_file() and _sha256_file(e.path) == e.sha256):
+                self._download(e.id, e.sha256, e.path)
+                downloaded = True
+            local.append(replace(e, downloaded=downloaded))
             if progress is not None:
-                progress("download", done, len(records))
+                progress("download", done, len(experts))
         return local
 
     def _runners(self, experts: Sequence[LocalExpert]) -> list[_Runner]:
@@ -894,8 +904,9 @@ class NDSClient:
         target = _resolve_target(images, labels)
         if method == "linear-probe":
             _check_probe_labels(target.labels)
-        if experts is None:
-            experts = self.pull_experts(kind=None if priors else "rotation", progress=progress)
+        fetched = experts is not None
+        if experts is None:  # listed only: the files that will run are fetched once the method is known
+            experts = self._listed(None if priors else "rotation", self._cache(None))
         rotation_experts = [e for e in experts if e.kind == "rotation"]
         if not rotation_experts:
             raise NDSClientError(f"the server at {self.base_url} has no rotation experts to score",
@@ -910,6 +921,10 @@ class NDSClient:
                     f"the server at {self.base_url} publishes no backbone its experts' datasets were indexed with",
                     hint="index the datasets with the default backbone (or onnx:<file>), or use --method rotation",
                 )
+        if not fetched:  # the embedding method runs the backbone, not the rotation experts
+            classifier_experts = self._fetch(classifier_experts, progress) if classifier_experts else []
+            if method != "embedding":
+                rotation_experts = self._fetch(rotation_experts, progress)
         if method == "embedding":
             return self._score_by_embedding(target, spaces, by_space, classifier_experts if priors else None,
                                             batch_size=batch_size, progress=progress, temperature=temperature)

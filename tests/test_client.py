@@ -299,10 +299,21 @@ def test_embedding_votes_for_the_source_domain_and_backbones_are_published(clien
     assert Scores.load(out).method == "embedding"
 
 
-def test_auto_uses_embedding_where_the_backbone_is_published_else_rotation(client, experts, stripes_target, server):
+def test_auto_uses_embedding_where_the_backbone_is_published_else_rotation(client, experts, stripes_target, server, tmp_path):
     auto = client.score(stripes_target, experts=experts)  # the default method
     assert auto.method == "embedding"
     assert auto.scores == client.score(stripes_target, method="embedding", experts=experts).scores
+    # scoring by embedding downloads the backbone only, not the experts it does not run
+    transport = Counting()
+    with NDSClient(server.url, cache_dir=tmp_path / "fresh", transport=transport) as fresh:
+        assert fresh.score(stripes_target).scores == auto.scores
+        assert [p for p in transport.paths if p.endswith("/model.onnx")] == [p for p in transport.paths if p.startswith("/v1/backbones/")]
+        assert transport.downloads() == 1 and len(list((tmp_path / "fresh").glob("*.onnx"))) == 1
+        with_priors = fresh.score(stripes_target, priors=True)  # the classifiers run: they are fetched
+        assert with_priors.method == "embedding" and with_priors.label_priors
+        assert transport.downloads() == 1 + 2  # one classifier per dataset
+        rotation = fresh.score(stripes_target, method="rotation")
+        assert transport.downloads() == 3 + 4 and rotation.method == "rotation"
     # a catalog whose datasets were indexed before backbones were published lists none to download
     sidecars = list((server.root / "home" / "artifacts" / "backbones" / "published").glob("*.json"))
     assert len(sidecars) == 1
