@@ -74,10 +74,10 @@ __all__ = [
     "rotations",
 ]
 
-METHODS = ("auto", "rotation", "linear-probe", "embedding")
-#: What ``method="auto"`` (the default) does: ``embedding`` where the server publishes the backbone
-#: of every scored dataset's embedding space, else ``rotation`` (both need no labels).
+#: The default scoring method: ``embedding`` where the server publishes the backbone of every
+#: scored dataset's embedding space, else ``rotation`` (both need no labels).
 AUTO = "auto"
+METHODS = (AUTO, "rotation", "linear-probe", "embedding")
 SCORES_FORMAT = "nds.scores/v1"
 MANIFEST_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".parquet": "parquet"}
 DEFAULT_MEAN = (0.485, 0.456, 0.406)

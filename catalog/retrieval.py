@@ -193,8 +193,9 @@ def build_groups(
 ) -> Groups:
     """Resolve experts and datasets, take the G groups of the active index versions, compute masses.
 
-    Returns the group table, the index version used per dataset, dataset names, and the
-    expert ids ignored (classifiers: they have no cluster). Experts and datasets that
+    Returns :class:`Groups`: the group table, the index version used per dataset, dataset
+    names, the expert ids ignored (classifiers: they have no cluster) and the rotation
+    experts' scores per (dataset, cluster). Experts and datasets that
     ``principal`` may not see are unknown to it.
     """
     temperature = request.temperature or DEFAULT_TEMPERATURE
