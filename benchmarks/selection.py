@@ -853,7 +853,8 @@ def chart(results: dict[str, Any], path: Path) -> Path:
         n_classes = results.get("target_classes", {}).get(tname)
         if n_classes:
             ax.axhline(1.0 / n_classes, color="0.5", linestyle="-.", linewidth=0.8, label=f"chance ({1.0 / n_classes:.2f})")
-        ax.set_title(f"target: {tname}")
+        saturated = tname in (results.get("verdict") or {}).get("saturated", [])
+        ax.set_title(f"target: {tname}" + (" (saturated)" if saturated else ""))
         ax.set_ylabel("fine-tune test accuracy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
