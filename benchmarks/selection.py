@@ -425,10 +425,11 @@ def _select(config: Config, work: Path, budgets: list[int], echo: Callable[[str]
             train, _ = stratified_split(labels, config.train_per_target, config.split_seed)
             train_paths = [paths[i] for i in train]
             train_labels = [str(labels[i]) for i in train]
-            rot = client.score(train_paths, method="rotation", experts=experts)
-            lp = client.score(train_paths, labels=train_labels, method="linear-probe", experts=experts)
-            emb = client.score(train_paths, method="embedding", experts=experts)
             default = client.score(train_paths, experts=experts)  # what a user gets without --method
+            ran = {default.method: default}  # the method auto chose is not scored twice
+            rot = ran.get("rotation") or client.score(train_paths, method="rotation", experts=experts)
+            lp = client.score(train_paths, labels=train_labels, method="linear-probe", experts=experts)
+            emb = ran.get("embedding") or client.score(train_paths, method="embedding", experts=experts)
             priors = client.label_priors(train_paths, experts=experts)
             scoring[tname] = {
                 "default_method": default.method,
@@ -721,10 +722,9 @@ def verdict(results: dict[str, Any]) -> dict[str, Any]:
     # The client's default (``--method auto``) picks the method per target; its selections are
     # those of the method it picked.
     default = {t: results["scores"].get(t, {}).get("default_method") for t in targets}
-    default_cells = [x for x in prec if default.get(x["target"]) == x["method"]]
+    default_met = sorted(t for t in targets if t in per_method.get(default[t], {}).get("precision_targets", ()))
     return {"precision": prec, "margin_over_random": margin, "vs_whole_pool": vs_whole, "saturated": saturated, "per_method": per_method,
-            "default": {"method": default, "precision_targets": sorted({x["target"] for x in default_cells}
-                                                                        - {x["target"] for x in default_cells if not x["met"]})}}
+            "default": {"method": default, "precision_targets": default_met}}
 
 
 def _pm(mean: float | None, std: float | None, digits: int = 3) -> str:

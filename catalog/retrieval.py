@@ -358,10 +358,11 @@ def closeness(method: str, cluster_scores: Mapping[tuple[int, int], float], name
     return value, f"best {method} score {value:.2f}"
 
 
-def recommend_recipe(request: QueryRequest, close: tuple[float, str] | None) -> dict[str, str]:
+def recommend_recipe(request: QueryRequest, cluster_scores: Mapping[tuple[int, int], float], names: Mapping[int, str]) -> dict[str, str]:
     """A transfer recipe from the target's size and how close the experts say its domain is (:func:`closeness`)."""
     n = request.target_size
     method = request.score_method or "rotation"
+    close = closeness(method, cluster_scores, names)
     threshold = {"linear-probe": SIMILAR_PROBE_SCORE, "embedding": SIMILAR_EMBEDDING_SHARE}.get(method, SIMILAR_ROTATION_SCORE)
     similar = close is not None and close[0] >= threshold
     size_text = f"{n} target images" if n else "a target of unknown size (assumed small)"
@@ -412,7 +413,7 @@ def summarize(groups: Groups, picks: Picks, request: QueryRequest) -> dict[str, 
         "ignored_experts": ignored,
         "notes": notes,
         "datasets": sorted(per_dataset.values(), key=lambda x: -x["mass"]),
-        "recommendation": recommend_recipe(request, closeness(request.score_method or "rotation", groups.cluster_scores, datasets)),
+        "recommendation": recommend_recipe(request, groups.cluster_scores, datasets),
     }
 
 
