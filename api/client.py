@@ -792,11 +792,14 @@ class NDSClient:
         there are checked against their sha256 and downloaded again when it does not match."""
         return self._fetch(self._listed(kind, self._cache(cache_dir)), progress)
 
-    def _listed(self, kind: str | None, cache: Path) -> list[LocalExpert]:
+    def _listed(self, kind: str | None, cache: Path, datasets: list[dict] | None = None) -> list[LocalExpert]:
         """The server's experts as :class:`LocalExpert` entries pointing into ``cache``, nothing
-        downloaded yet (:meth:`_fetch` makes the files real)."""
+        downloaded yet (:meth:`_fetch` makes the files real). ``datasets``: the dataset listing,
+        when the caller already holds it."""
         records = self.experts(kind=kind)
-        names = {int(d["id"]): d.get("name", str(d["id"])) for d in self.datasets()} if records else {}
+        if records and datasets is None:
+            datasets = self.datasets()
+        names = {int(d["id"]): d.get("name", str(d["id"])) for d in datasets or ()}
         listed: list[LocalExpert] = []
         for rec in records:
             sha = str(rec.get("sha256", "")).lower()
@@ -905,15 +908,16 @@ class NDSClient:
         if method == "linear-probe":
             _check_probe_labels(target.labels)
         fetched = experts is not None
+        datasets = None if fetched or method not in (AUTO, "embedding") else self.datasets()
         if experts is None:  # listed only: the files that will run are fetched once the method is known
-            experts = self._listed(None if priors else "rotation", self._cache(None))
+            experts = self._listed(None if priors else "rotation", self._cache(None), datasets)
         rotation_experts = [e for e in experts if e.kind == "rotation"]
         if not rotation_experts:
             raise NDSClientError(f"the server at {self.base_url} has no rotation experts to score",
                                  hint="index a dataset first: nds index NAME")
         classifier_experts = [e for e in experts if e.kind == "classifier"] if priors else []
         if method in (AUTO, "embedding"):
-            spaces, by_space, uncovered = self._embedding_spaces(rotation_experts)
+            spaces, by_space, uncovered = self._embedding_spaces(rotation_experts, datasets)
             if method == AUTO:
                 method = "rotation" if uncovered or not by_space else "embedding"
             elif not by_space:
@@ -967,12 +971,13 @@ class NDSClient:
         return result
 
     def _embedding_spaces(
-        self, rotation_experts: Sequence[LocalExpert]
+        self, rotation_experts: Sequence[LocalExpert], datasets: list[dict] | None = None
     ) -> tuple[dict[str, dict], dict[str, list[LocalExpert]], list[LocalExpert]]:
         """The server's downloadable backbones by version, the experts grouped by the embedding
-        space of their dataset, and the experts whose space has no downloadable backbone."""
+        space of their dataset, and the experts whose space has no downloadable backbone.
+        ``datasets``: the dataset listing, when the caller already holds it."""
         spaces = {s["version"]: s for s in self.backbones() if s.get("downloadable")}
-        space_of = {int(d["id"]): d.get("backbone") for d in self.datasets()}
+        space_of = {int(d["id"]): d.get("backbone") for d in (self.datasets() if datasets is None else datasets)}
         by_space: dict[str, list[LocalExpert]] = {}
         uncovered: list[LocalExpert] = []
         for e in rotation_experts:

@@ -309,6 +309,7 @@ def test_auto_uses_embedding_where_the_backbone_is_published_else_rotation(clien
         assert fresh.score(stripes_target).scores == auto.scores
         assert [p for p in transport.paths if p.endswith("/model.onnx")] == [p for p in transport.paths if p.startswith("/v1/backbones/")]
         assert transport.downloads() == 1 and len(list((tmp_path / "fresh").glob("*.onnx"))) == 1
+        assert transport.paths.count("/v1/datasets") == 1  # one listing serves the expert names and their spaces
         with_priors = fresh.score(stripes_target, priors=True)  # the classifiers run: they are fetched
         assert with_priors.method == "embedding" and with_priors.label_priors
         assert transport.downloads() == 1 + 2  # one classifier per dataset
@@ -548,7 +549,7 @@ def test_cli_bad_input(server, tmp_path):
 
     wrong = f"{server.url}/not-nds"  # a server that answers, with an error
     result = cli("score", str(one), "--server", wrong, "--cache-dir", cache, "-q", "-o", str(tmp_path / "s.json"))
-    assert result.exit_code == 1 and f"{wrong}/v1/experts" in result.stderr and "404" in result.stderr
+    assert result.exit_code == 1 and f"{wrong}/v1/" in result.stderr and "404" in result.stderr
     assert not (tmp_path / "s.json").exists()
 
 
