@@ -908,7 +908,8 @@ class NDSClient:
         if method == "linear-probe":
             _check_probe_labels(target.labels)
         fetched = experts is not None
-        datasets = None if fetched or method not in (AUTO, "embedding") else self.datasets()
+        # one listing serves the expert names and the datasets' embedding spaces
+        datasets = self.datasets() if not fetched or method in (AUTO, "embedding") else None
         if experts is None:  # listed only: the files that will run are fetched once the method is known
             experts = self._listed(None if priors else "rotation", self._cache(None), datasets)
         rotation_experts = [e for e in experts if e.kind == "rotation"]
@@ -971,13 +972,13 @@ class NDSClient:
         return result
 
     def _embedding_spaces(
-        self, rotation_experts: Sequence[LocalExpert], datasets: list[dict] | None = None
+        self, rotation_experts: Sequence[LocalExpert], datasets: Sequence[dict]
     ) -> tuple[dict[str, dict], dict[str, list[LocalExpert]], list[LocalExpert]]:
         """The server's downloadable backbones by version, the experts grouped by the embedding
-        space of their dataset, and the experts whose space has no downloadable backbone.
-        ``datasets``: the dataset listing, when the caller already holds it."""
+        space of their dataset (``datasets``: the server's dataset listing), and the experts
+        whose space has no downloadable backbone."""
         spaces = {s["version"]: s for s in self.backbones() if s.get("downloadable")}
-        space_of = {int(d["id"]): d.get("backbone") for d in (self.datasets() if datasets is None else datasets)}
+        space_of = {int(d["id"]): d.get("backbone") for d in datasets}
         by_space: dict[str, list[LocalExpert]] = {}
         uncovered: list[LocalExpert] = []
         for e in rotation_experts:
