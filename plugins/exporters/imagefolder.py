@@ -1,48 +1,89 @@
 """``imagefolder``: a directory tree DEST/<label>/<file> that torchvision's ImageFolder and
 FiftyOne read, made of symlinks (default) or copies of the manifest's images.
 
+Folder names come from :func:`plugins.exporters.names.label_folder_names`: one folder per
+distinct label, the label's Unicode kept, only what a file system cannot hold
+percent-encoded, collisions (``Cat``/``cat`` on a case-insensitive disk, over-long labels)
+told apart with ``~2``/a hash. Unlabelled samples go under ``_unlabelled``. ``labels.json``
+beside the folders maps each folder name to its exact label (``null`` for unlabelled), in
+the sorted order that ImageFolder gives class indices::
+
+    ds = torchvision.datasets.ImageFolder(DEST)
+    exact = json.loads((DEST / "labels.json").read_text(encoding="utf-8"))
+    label_of_class = [exact[name] for name in ds.classes]
+
 A sample drawn ``count`` times appears ``count`` times (``name``, ``name__1``, ...), so a
-plain uniform pass over the tree honours the sampling. Unlabelled samples go under
-``_unlabelled``. Built on the machine that trains, from a manifest file.
+plain uniform pass over the tree honours the sampling; file names come from the row's key
+(``dataset/id`` as ``dataset-id``) and are made distinct within a folder (``~2``, ...), so
+no two rows overwrite each other. Built on the machine that trains, from a manifest file.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from catalog.errors import InvalidInputError
 from plugins.exporters.base import Row
+from plugins.exporters.names import UNLABELLED, UniqueNames, label_folder_names
 
-UNLABELLED = "_unlabelled"
-_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+__all__ = ["LABELS_FILE", "UNLABELLED", "JsonlRows", "build_tree", "label_folder_names"]
+
+LABELS_FILE = "labels.json"
 
 
-def _safe(text: str) -> str:
-    cleaned = _SAFE.sub("_", text).strip("._")
-    return cleaned or "_"
+class JsonlRows:
+    """The rows of a .jsonl manifest, read afresh on each pass (:func:`build_tree` makes two)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def __iter__(self) -> Iterator[Row]:
+        with self.path.open(encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    yield json.loads(line)
+
+
+def _label(row: Row) -> object:
+    label = row.get("label")
+    return None if label is None or label == "" else label
 
 
 def build_tree(rows: Iterable[Row], dest: Path, *, copy: bool = False) -> int:
-    """Write the tree; returns the number of files. DEST must be empty or absent."""
+    """Write the tree and ``labels.json``; returns the number of image files. DEST must be empty or absent.
+
+    ``rows`` is read twice (labels first, so that folder names do not depend on row
+    order); a one-pass iterator is held in memory, a list or :class:`JsonlRows` is not.
+    """
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):
         raise InvalidInputError(f"{dest} is not empty", field="output", hint="give a new or empty folder")
+    if iter(rows) is rows:
+        rows = list(rows)
+    folders = label_folder_names({_label(row) for row in rows})
     dest.mkdir(parents=True, exist_ok=True)
+    names: dict[str, UniqueNames] = {}
     made = 0
     for row in rows:
         src = Path(row["uri"])
-        folder = dest / (_safe(str(row["label"])) if row.get("label") else UNLABELLED)
-        folder.mkdir(exist_ok=True)
-        stem = _safe(str(row["key"]).replace("/", "-"))
+        folder_name = folders[_label(row)]
+        folder = dest / folder_name
+        if folder_name not in names:
+            folder.mkdir(exist_ok=True)
+            names[folder_name] = UniqueNames()
+        taken = names[folder_name]
+        stem = str(row["key"]).replace("/", "-")
         for i in range(int(row.get("count", 1))):
-            target = folder / (f"{stem}{src.suffix}" if i == 0 else f"{stem}__{i}{src.suffix}")
+            target = folder / taken.make(stem if i == 0 else f"{stem}__{i}", src.suffix)
             if copy:
                 shutil.copyfile(src, target)
             else:
                 os.symlink(src, target)
             made += 1
+    exact = {name: label for label, name in folders.items() if name in names}
+    (dest / LABELS_FILE).write_text(json.dumps(dict(sorted(exact.items())), ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     return made
