@@ -11,10 +11,11 @@ from sqlmodel import Session
 
 from api.dispatch import make_dispatcher
 from api.errors import install_error_handlers
+from api.hosts import AllowedHosts
 from api.limits import BodySizeLimit
 from api.routes import backbones, datasets, experts, jobs, keys, queries
 from api.schemas import Health
-from catalog.access import keys_exist
+from catalog.access import api_is_open
 from catalog.context import CatalogContext
 from catalog.db import current_revision
 from catalog.jobs import mark_interrupted
@@ -26,11 +27,9 @@ log = logging.getLogger("nds.api")
 
 
 def warn_if_open(ctx: CatalogContext) -> bool:
-    """Log loudly when the API runs open (no key exists yet); returns whether it does."""
-    if ctx.settings.auth == "required" or ctx.settings.admin_key is not None:
-        return False
+    """Log loudly when the API runs open (the catalog has never had a key); returns whether it does."""
     with Session(ctx.engine) as session:
-        if keys_exist(session=session):
+        if not api_is_open(session=session, auth=ctx.settings.auth, admin_key=ctx.settings.admin_key):
             return False
     log.warning("the API is OPEN: no API key exists, so anyone who reaches it acts as an admin; "
                 "create one with 'nds keys create --role admin --name NAME' to require keys")
@@ -52,7 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if stale or removed or restored:
                 log.warning("marked %d interrupted jobs failed; removed partial datasets %s; index jobs interrupted on %s",
                             len(stale), removed, restored)
-        warn_if_open(ctx)
+        app.state.closed = not warn_if_open(ctx)
         app.state.ctx = ctx
         app.state.dispatcher = make_dispatcher(ctx)
         try:
@@ -69,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(AllowedHosts, allowed=settings.allowed_hosts)
     app.include_router(datasets.router)
     app.include_router(jobs.router)
     app.include_router(experts.router)

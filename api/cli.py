@@ -20,9 +20,10 @@ from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.text import Text
 
-from api.console import err, fail, handles_errors, out
+from api.console import SafeTable as Table  # escapes every title, header and string cell: names and labels are untrusted
+from api.console import clean, err, fail, handles_errors, out, safe
 from catalog.settings import Settings, load_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False, help="Neural Data Server: find the source data worth pre-training on.")
@@ -32,12 +33,14 @@ jobs_app = typer.Typer(no_args_is_help=True, help="Inspect jobs.")
 plugins_app = typer.Typer(no_args_is_help=True, help="Installed plugins.")
 experts_app = typer.Typer(no_args_is_help=True, help="The experts clients download.")
 keys_app = typer.Typer(no_args_is_help=True, help="API keys: create (shown once), list, revoke.")
+artifacts_app = typer.Typer(no_args_is_help=True, help="The artifact store: remove the files no catalog row refers to.")
 app.add_typer(db_app, name="db")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(plugins_app, name="plugins")
 app.add_typer(experts_app, name="experts")
 app.add_typer(keys_app, name="keys")
+app.add_typer(artifacts_app, name="artifacts")
 
 
 
@@ -71,7 +74,7 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")]
 
     s = settings()
     rev = upgrade(s, revision)
-    out.print(f"catalog at revision [bold]{rev}[/] ({_safe_url(s.sqlalchemy_url)})")
+    out.print(f"catalog at revision [bold]{safe(rev)}[/] ({safe(_safe_url(s.sqlalchemy_url))})")
 
 
 @db_app.command("downgrade")
@@ -81,7 +84,7 @@ def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision, 
     from catalog.db import downgrade
 
     rev = downgrade(settings(), revision)
-    out.print(f"catalog at revision [bold]{rev or 'base'}[/]")
+    out.print(f"catalog at revision [bold]{safe(rev or 'base')}[/]")
 
 
 @db_app.command("current")
@@ -92,7 +95,7 @@ def db_current() -> None:
 
     engine = create_db_engine(settings())
     try:
-        out.print(f"current: {current_revision(engine) or 'none'}  head: {head_revision()}")
+        out.print(f"current: {safe(current_revision(engine) or 'none')}  head: {safe(head_revision())}", highlight=False)
     finally:
         engine.dispose()
 
@@ -129,7 +132,7 @@ def db_copy_to(
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(), console=err, disable=as_json, transient=True)
     with CatalogContext.open(src_settings) as source, CatalogContext.open(target) as dest, progress:
         task = progress.add_task("copying", total=1)
-        report = copy_catalog(source, dest, progress=lambda stage, done, total: progress.update(task, description=stage, completed=done, total=max(total, 1)))
+        report = copy_catalog(source, dest, progress=lambda stage, done, total: progress.update(task, description=safe(stage), completed=done, total=max(total, 1)))
     data = {"target": _safe_url(target.sqlalchemy_url), "revision": revision, "rows": report.rows, "points": report.points,
             "files": report.files, "bytes": report.bytes, "files_kept": report.files_kept}
     if as_json:
@@ -188,7 +191,7 @@ def datasets_add(
             table.add_row(f"  {reason}", str(count))
         out.print(table)
         for skip in (result.get("skipped_files") or [])[:10]:
-            out.print(f"  skipped {skip['uri']}: {skip['reason']}", highlight=False)
+            out.print(f"  skipped {safe(skip['uri'])}: {safe(skip['reason'])}", highlight=False)
 
 
 def run_with_progress(ctx: Any, job: Any, label: str, *, quiet: bool = False) -> Any:
@@ -201,8 +204,8 @@ def run_with_progress(ctx: Any, job: Any, label: str, *, quiet: bool = False) ->
         console=err, disable=quiet, transient=False,
     )
     with progress:
-        task = progress.add_task(label, total=1.0, step="")
-        listener = lambda step, frac: progress.update(task, completed=frac, step=step or "")  # noqa: E731
+        task = progress.add_task(safe(label), total=1.0, step="")
+        listener = lambda step, frac: progress.update(task, completed=frac, step=safe(step or ""))  # noqa: E731
         if ctx.settings.broker_url:
             from api.dispatch import CeleryDispatcher
 
@@ -257,7 +260,7 @@ def datasets_list(as_json: Annotated[bool, typer.Option("--json", help="Print JS
 @datasets_app.command("show")
 @handles_errors
 def datasets_show(
-    name: Annotated[str, typer.Argument(help="Dataset name (or id).")],
+    name: Annotated[str, typer.Argument(help="Dataset name, or id (an all-digit argument is an id).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show one dataset."""
@@ -278,7 +281,7 @@ def datasets_show(
 
 @datasets_app.command("rm")
 @handles_errors
-def datasets_rm(name: Annotated[str, typer.Argument(help="Dataset name (or id).")]) -> None:
+def datasets_rm(name: Annotated[str, typer.Argument(help="Dataset name, or id (an all-digit argument is an id).")]) -> None:
     """Remove a dataset's catalog rows and vectors (its files on disk are left alone)."""
     from sqlmodel import Session
 
@@ -288,13 +291,13 @@ def datasets_rm(name: Annotated[str, typer.Argument(help="Dataset name (or id)."
         with Session(ctx.engine) as session:
             dataset_id = find_dataset(session=session, ref=name).id
         delete_dataset(ctx=ctx, dataset_id=dataset_id)
-        out.print(f"removed dataset {name}")
+        out.print(f"removed dataset {safe(name)}", highlight=False)
 
 
 @datasets_app.command("restrict")
 @handles_errors
 def datasets_restrict(
-    name: Annotated[str, typer.Argument(help="Dataset name (or id).")],
+    name: Annotated[str, typer.Argument(help="Dataset name, or id (an all-digit argument is an id).")],
     key: Annotated[list[str], typer.Option("--key", help="A key (name or id) that may see the dataset; repeat for several.")] = [],  # noqa: B006
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
@@ -305,7 +308,7 @@ def datasets_restrict(
 @datasets_app.command("unrestrict")
 @handles_errors
 def datasets_unrestrict(
-    name: Annotated[str, typer.Argument(help="Dataset name (or id).")],
+    name: Annotated[str, typer.Argument(help="Dataset name, or id (an all-digit argument is an id).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Open a restricted dataset to every key again."""
@@ -323,9 +326,9 @@ def _set_access(name: str, *, restricted: bool, keys: list[str], as_json: bool) 
     if as_json:
         print_json(data)
     elif restricted:
-        out.print(f"{data['dataset']} is restricted to: {', '.join(data['keys']) or 'admins only'}", highlight=False)
+        out.print(f"{safe(data['dataset'])} is restricted to: {safe(', '.join(data['keys']) or 'admins only')}", highlight=False)
     else:
-        out.print(f"{data['dataset']} is visible to every key", highlight=False)
+        out.print(f"{safe(data['dataset'])} is visible to every key", highlight=False)
 
 
 # --------------------------------------------------------------------------- keys
@@ -349,7 +352,7 @@ def keys_create(
     if as_json:
         print_json(created.model_dump(mode="json"))
         return
-    out.print(f"created {created.role.value} key {created.name!r} (id {created.id}); it is shown this once:", highlight=False)
+    out.print(f"created {created.role.value} key {safe(repr(created.name))} (id {created.id}); it is shown this once:", highlight=False)
     sys.stdout.write(secret + "\n")
     sys.stdout.flush()
 
@@ -381,14 +384,18 @@ def keys_list(
 
 @keys_app.command("revoke")
 @handles_errors
-def keys_revoke(name: Annotated[str, typer.Argument(help="Key name (or id).")]) -> None:
+def keys_revoke(name: Annotated[str, typer.Argument(help="Key name, or id (an all-digit argument is an id).")]) -> None:
     """Revoke a key: it stops working at once and loses its dataset grants."""
-    from catalog.access import revoke_key
+    from catalog.access import active_admin_keys, revoke_key
     from catalog.db import session_scope
 
     with open_ctx() as ctx, session_scope(ctx.engine) as session:
         key = revoke_key(session=session, ref=name)
-        out.print(f"revoked key {key.name!r} ({key.prefix}...)", highlight=False)
+        out.print(f"revoked key {safe(repr(key.name))} ({safe(key.prefix)}...)", highlight=False)
+        if active_admin_keys(session=session) == 0:
+            err.print("note: no admin key is left; the API stays closed (it never reopens once a key has existed) and "
+                      "accepts client keys only; 'nds keys create --role admin --name NAME' here, or NDS_ADMIN_KEY, gives admin access back",
+                      highlight=False)
 
 
 # --------------------------------------------------------------------------- index
@@ -397,7 +404,7 @@ def keys_revoke(name: Annotated[str, typer.Argument(help="Key name (or id).")]) 
 @app.command("index")
 @handles_errors
 def index(
-    name: Annotated[str, typer.Argument(help="Dataset name (or id).")],
+    name: Annotated[str, typer.Argument(help="Dataset name, or id (an all-digit argument is an id).")],
     clusters: Annotated[int, typer.Option(help="K: clusters, one rotation expert each.")] = 8,
     partition: Annotated[str, typer.Option(help="kmeans (on embeddings) or labels (one cluster per label).")] = "kmeans",
     backbone: Annotated[str, typer.Option(help="default, torchvision:<arch> or onnx:<file>.")] = "default",
@@ -531,18 +538,17 @@ def query(
             temperature=temperature, datasets=dataset_ids, seed=seed, target_size=loaded.num_images, score_method=loaded.method,
         )
         if fmt == "imagefolder":
-            from plugins.exporters.imagefolder import build_tree
+            from plugins.exporters.imagefolder import JsonlRows, build_tree
 
             with tempfile.TemporaryDirectory() as tmp:
                 manifest = client.manifest(result["id"], Path(tmp) / "manifest.jsonl")
-                with manifest.open() as fh:
-                    made = build_tree((json.loads(line) for line in fh), output, copy=copy)
+                made = build_tree(JsonlRows(manifest), output, copy=copy)
             written = f"{output} ({made} files)"
         else:
             client.manifest(result["id"], output, format=fmt)
             written = str(output)
     print_query_summary(result)
-    out.print(f"manifest: {written}", highlight=False)
+    out.print(f"manifest: {safe(written)}", highlight=False)
 
 
 def print_query_summary(result: dict) -> None:
@@ -552,15 +558,15 @@ def print_query_summary(result: dict) -> None:
     for col in ("dataset", "cluster", "selected", "unique", "weight mass"):
         table.add_column(col)
     for ds in summary["datasets"]:
-        table.add_row(f"[bold]{ds['dataset']}[/]", "all", str(ds["selected"]), str(ds["unique"]), f"{ds['mass']:.4f}")
+        table.add_row(Text(clean(ds["dataset"]), style="bold"), "all", str(ds["selected"]), str(ds["unique"]), f"{ds['mass']:.4f}")
         for cl in ds["clusters"]:
             if cl["selected"] or cl["mass"] > 1e-4:
                 table.add_row("", str(cl["cluster"]), str(cl["selected"]), str(cl["unique"]), f"{cl['mass']:.4f}")
     out.print(table)
     for note in summary.get("notes", []):
-        out.print(f"note: {note}", highlight=False)
+        out.print(f"note: {safe(note)}", highlight=False)
     rec = summary["recommendation"]
-    out.print(f"recommended recipe: [bold]{rec['recipe']}[/]: {rec['reason']}", highlight=False)
+    out.print(f"recommended recipe: [bold]{safe(rec['recipe'])}[/]: {safe(rec['reason'])}", highlight=False)
 
 
 # --------------------------------------------------------------------------- jobs
@@ -577,6 +583,32 @@ def jobs_show(job_id: str) -> None:
 
     with open_ctx() as ctx, Session(ctx.engine) as session:
         print_json(JobPublic.model_validate(get_job(session, job_id)).model_dump(mode="json"))
+
+
+# --------------------------------------------------------------------------- artifacts
+
+
+@artifacts_app.command("gc")
+@handles_errors
+def artifacts_gc(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only count what would be removed.")] = False,
+    grace: Annotated[float | None, typer.Option("--grace", min=0, help="Keep unreferenced files younger than this many seconds (default 3600): a writer may not have committed its row yet.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Remove the expert, backbone and query files that no catalog row refers to, and dead writers' temp files.
+
+    Safe while the server and workers run: files younger than the grace period, and those of datasets being indexed, are kept."""
+    from catalog.artifact_gc import DEFAULT_GRACE_SECONDS, gc
+
+    with open_ctx() as ctx:
+        report = gc(ctx, dry_run=dry_run, grace_seconds=DEFAULT_GRACE_SECONDS if grace is None else grace)
+    if as_json:
+        print_json(report.as_dict())
+        return
+    verb = "would remove" if dry_run else "removed"
+    out.print(f"{verb} {report.removed:,} files ({report.removed_bytes / 2**20:.1f} MiB; {report.temp_removed:,} of them temp files); "
+              f"kept {report.kept:,} referenced ({report.kept_bytes / 2**20:.1f} MiB) and {report.young:,} unreferenced "
+              f"younger than {report.grace_seconds:g} s ({report.young_bytes / 2**20:.1f} MiB)", highlight=False)
 
 
 # --------------------------------------------------------------------------- plugins
@@ -620,7 +652,7 @@ def serve(
         raise fail("several workers need server mode", "the embedded store is single-process: set NDS_DATABASE_URL, NDS_QDRANT_URL and NDS_BROKER_URL")
     from sqlmodel import Session
 
-    from catalog.access import keys_exist
+    from catalog.access import api_is_open
     from catalog.context import CatalogContext
     from catalog.db import check_schema
 
@@ -628,7 +660,7 @@ def serve(
     try:
         check_schema(probe.engine)
         with Session(probe.engine) as session:
-            closed = s.auth == "required" or s.admin_key is not None or keys_exist(session=session)
+            closed = not api_is_open(session=session, auth=s.auth, admin_key=s.admin_key)
     finally:
         probe.close()
     if not closed and not insecure and not _is_loopback(host):
@@ -637,7 +669,7 @@ def serve(
             "create a key first ('nds keys create --role admin --name NAME'), set NDS_ADMIN_KEY, bind to 127.0.0.1, or pass --insecure",
         )
     mode = "server mode" if s.broker_url else f"embedded mode (catalog and vectors under {s.resolved_home})"
-    err.print(f"nds serving on http://{host}:{port} in {mode}; docs at /docs", highlight=False)
+    err.print(f"nds serving on http://{safe(host)}:{port} in {safe(mode)}; docs at /docs", highlight=False)
     if not closed:
         err.print("[bold yellow]warning:[/] the API is open: no API key exists, so every request acts as an admin "
                   "('nds keys create --role admin --name NAME' closes it)", highlight=False)
@@ -650,14 +682,9 @@ def serve(
 
 
 def _is_loopback(host: str) -> bool:
-    import ipaddress
+    from api.hosts import host_name, is_loopback
 
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+    return is_loopback(host_name(host))
 
 
 @app.command("worker")

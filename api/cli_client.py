@@ -21,9 +21,9 @@ from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from api.console import err, handles_errors, out
+from api.console import SafeTable as Table  # escapes every title, header and string cell: the server's names are untrusted
+from api.console import err, handles_errors, out, safe
 
 
 STAGES = {"download": "downloading experts", "preprocess": "preprocessing images", "score": "scoring experts", "priors": "label priors"}
@@ -48,7 +48,7 @@ class _Bars:
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if stage not in self.tasks:
-            self.tasks[stage] = self.progress.add_task(STAGES.get(stage, stage), total=max(total, 1))
+            self.tasks[stage] = self.progress.add_task(STAGES.get(stage) or safe(stage), total=max(total, 1))
         self.progress.update(self.tasks[stage], completed=done, total=max(total, 1))
 
 
@@ -107,12 +107,12 @@ def score(
         names = {e["dataset_id"]: e["dataset"] for e in result.experts}
         for dataset_id, dist in result.label_priors.items():
             top = sorted(dist.items(), key=lambda kv: -kv[1])[:5]
-            shown = ", ".join(f"{lab} {p:.2f}" for lab, p in top)
-            out.print(f"label priors for {names.get(dataset_id, dataset_id)} (T={temperature:g}): {shown}", highlight=False)
+            shown = ", ".join(f"{safe(lab)} {p:.2f}" for lab, p in top)
+            out.print(f"label priors for {safe(names.get(dataset_id, dataset_id))} (T={temperature:g}): {shown}", highlight=False)
     if result.skipped:
-        err.print(f"[yellow]skipped {result.skipped} unreadable image(s)[/], e.g. {result.skipped_files[0]['image']}: "
-                  f"{result.skipped_files[0]['reason']}", highlight=False)
-    out.print(f"{result.num_images} images, {result.skipped} skipped, provider {result.provider}; wrote {output}", highlight=False)
+        err.print(f"[yellow]skipped {result.skipped} unreadable image(s)[/], e.g. {safe(result.skipped_files[0]['image'])}: "
+                  f"{safe(result.skipped_files[0]['reason'])}", highlight=False)
+    out.print(f"{result.num_images} images, {result.skipped} skipped, provider {safe(result.provider)}; wrote {safe(output)}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

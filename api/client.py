@@ -85,6 +85,7 @@ DEFAULT_STD = (0.229, 0.224, 0.225)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 CPU_CHUNK = 128  # inputs per onnxruntime call on the CPU (32 images x 4 rotations)
 _PAGE = 1000
+_MAX_ROWS = 1_000_000  # a listing longer than this is taken for a server that never stops paging
 
 #: ``progress(stage, done, total)``; stages: "download", "preprocess", "score", "priors".
 ProgressFn = Callable[[str, int, int], None]
@@ -235,6 +236,19 @@ class Scores:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+#: the fields of a GET /v1/experts row the client relies on, and their JSON types
+_EXPERT_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "id": int, "kind": str, "dataset_id": int, "cluster": (int, type(None)), "sha256": str, "input_size": int,
+}
+_TYPE_NAMES = {int: "an integer", str: "a string", type(None): "null"}
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """A JSON value for an error message, cut to ``limit`` characters."""
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _sha256_file(path: Path) -> str:
@@ -699,17 +713,43 @@ class NDSClient:
                     hint="is this URL an NDS server?",
                 ) from None
 
-    def _pages(self, path: str, params: dict | None = None) -> list[dict]:
+    def _bad_listing(self, path: str, why: str) -> ServerError:
+        url = f"{self.base_url}{path}"
+        return ServerError(f"GET {url} answered an unexpected body: {why}", url=url, status_code=200, detail=why,
+                           hint="is this URL an NDS server, of a version this client speaks?")
+
+    def _pages(self, path: str, params: dict | None = None, *, fields: Mapping[str, type | tuple[type, ...]] | None = None) -> list[dict]:
+        """Every row of a paged listing. Paging is bounded by what the server returns, never by
+        its ``count`` alone: it stops at an empty page or one shorter than asked for, and a
+        listing past ``_MAX_ROWS`` rows is an error. Each row must be a JSON object whose
+        ``fields`` (name -> type) are present with that type (ServerError naming the field)."""
         rows: list[dict] = []
         while True:
             page = self._json("GET", path, params={**(params or {}), "offset": len(rows), "limit": _PAGE})
             data = page.get("data") if isinstance(page, dict) else None
             if not isinstance(data, list):
-                raise ServerError(f"GET {self.base_url}{path} answered an unexpected body (no 'data' list)",
-                                  url=f"{self.base_url}{path}", status_code=200, detail="unexpected body")
+                raise self._bad_listing(path, "no 'data' list")
+            count = page.get("count", len(rows) + len(data))
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise self._bad_listing(path, f"'count' is {count!r}, not a row count")
+            for i, row in enumerate(data, start=len(rows)):
+                self._check_row(path, i, row, fields or {})
             rows.extend(data)
-            if not data or len(rows) >= int(page.get("count", len(rows))):
+            if len(rows) > _MAX_ROWS:
+                raise self._bad_listing(path, f"the listing did not end after {_MAX_ROWS:,} rows (it claims {count:,})")
+            if len(data) < _PAGE or len(rows) >= count:
                 return rows
+
+    def _check_row(self, path: str, i: int, row: Any, fields: Mapping[str, type | tuple[type, ...]]) -> None:
+        if not isinstance(row, dict):
+            raise self._bad_listing(path, f"row {i} is {type(row).__name__}, not an object")
+        for name, kind in fields.items():
+            if name not in row:
+                raise self._bad_listing(path, f"row {i} has no {name!r}")
+            kinds = kind if isinstance(kind, tuple) else (kind,)
+            value = row[name]
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):  # JSON true is no id
+                raise self._bad_listing(path, f"row {i} has {name!r} = {_short(value)}, not {' or '.join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)}")
 
     # ---------------------------------------------------------------- catalog
 
@@ -719,13 +759,13 @@ class NDSClient:
 
     def datasets(self) -> list[dict]:
         """Every registered dataset (all pages of GET /v1/datasets)."""
-        return self._pages("/v1/datasets")
+        return self._pages("/v1/datasets", fields={"id": int, "name": str})
 
     def experts(self, kind: str | None = None, dataset: int | None = None) -> list[dict]:
         """Experts of every dataset's active index (GET /v1/experts); ``kind``: rotation or classifier."""
         if kind is not None and kind not in ("rotation", "classifier"):
             raise ClientInputError(f"unknown expert kind {kind!r}", field="kind", hint="rotation or classifier")
-        return self._pages("/v1/experts", {"kind": kind, "dataset": dataset})
+        return self._pages("/v1/experts", {"kind": kind, "dataset": dataset}, fields=_EXPERT_FIELDS)
 
     def expert(self, expert_id: int) -> dict:
         """One expert (GET /v1/experts/{id})."""
@@ -737,7 +777,13 @@ class NDSClient:
 
     def backbones(self) -> list[dict]:
         """The embedding spaces of the indexed datasets (GET /v1/backbones)."""
-        return self._json("GET", "/v1/backbones").get("data", [])
+        body = self._json("GET", "/v1/backbones")
+        data = body.get("data", []) if isinstance(body, dict) else None
+        if not isinstance(data, list):
+            raise self._bad_listing("/v1/backbones", "no 'data' list")
+        for i, row in enumerate(data):
+            self._check_row("/v1/backbones", i, row, {"version": str})
+        return data
 
     # ---------------------------------------------------------------- downloads
 
@@ -805,20 +851,23 @@ class NDSClient:
             sha = str(rec.get("sha256", "")).lower()
             if not _SHA256.fullmatch(sha):
                 raise IntegrityError(f"the server lists expert {rec.get('id')} with an invalid sha256 {sha!r}")
-            meta = rec.get("meta") or {}
-            metrics = rec.get("metrics") or {}
-            held = metrics.get("heldout_accuracy", meta.get("heldout_accuracy"))
-            listed.append(
-                LocalExpert(
-                    id=int(rec["id"]), kind=str(rec["kind"]), dataset_id=int(rec["dataset_id"]),
-                    dataset=names.get(int(rec["dataset_id"]), str(meta.get("dataset", rec["dataset_id"]))),
-                    cluster=rec.get("cluster"), sha256=sha, path=cache / f"{sha}.onnx", input_size=int(rec.get("input_size") or meta.get("input_size")),
-                    mean=tuple(float(v) for v in meta.get("mean", DEFAULT_MEAN)), std=tuple(float(v) for v in meta.get("std", DEFAULT_STD)),
-                    label_names=tuple(str(v) for v in meta.get("label_names") or ()),
-                    heldout_accuracy=None if held is None else float(held), index_version=rec.get("index_version"),
-                    byte_size=rec.get("byte_size"),
+            try:  # the listing's types are checked (experts()); meta and metrics are free-form
+                meta = rec.get("meta") or {}
+                metrics = rec.get("metrics") or {}
+                held = metrics.get("heldout_accuracy", meta.get("heldout_accuracy"))
+                listed.append(
+                    LocalExpert(
+                        id=int(rec["id"]), kind=str(rec["kind"]), dataset_id=int(rec["dataset_id"]),
+                        dataset=names.get(int(rec["dataset_id"]), str(meta.get("dataset", rec["dataset_id"]))),
+                        cluster=rec.get("cluster"), sha256=sha, path=cache / f"{sha}.onnx", input_size=int(rec.get("input_size") or meta.get("input_size")),
+                        mean=tuple(float(v) for v in meta.get("mean", DEFAULT_MEAN)), std=tuple(float(v) for v in meta.get("std", DEFAULT_STD)),
+                        label_names=tuple(str(v) for v in meta.get("label_names") or ()),
+                        heldout_accuracy=None if held is None else float(held), index_version=rec.get("index_version"),
+                        byte_size=rec.get("byte_size"),
+                    )
                 )
-            )
+            except (AttributeError, KeyError, TypeError, ValueError) as exc:
+                raise self._bad_listing("/v1/experts", f"expert {rec.get('id')}'s meta or metrics are malformed ({type(exc).__name__}: {exc})") from None
         return listed
 
     def _fetch(self, experts: Sequence[LocalExpert], progress: ProgressFn | None) -> list[LocalExpert]:

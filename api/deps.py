@@ -11,7 +11,8 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session
 
-from catalog.access import LOCAL, Principal, authenticate, keys_exist, require_admin
+from api.hosts import SAFE_METHODS, host_name, origin_trusted, trusted
+from catalog.access import LOCAL, Principal, api_is_open, authenticate, require_admin
 from catalog.context import CatalogContext
 from catalog.errors import AuthenticationError
 from catalog.jobs import Dispatcher
@@ -56,20 +57,35 @@ bearer_scheme = HTTPBearer(auto_error=False, description="An API key: `Authoriza
 api_key_scheme = APIKeyHeader(name="X-API-Key", auto_error=False, description="The same API key, in a header of its own.")
 
 
+KEY_HINT = "send it as 'Authorization: Bearer <key>' (nds: --token or NDS_TOKEN); an admin creates keys with 'nds keys create'"
+
+
 def get_principal(
+    request: Request,
     ctx: CtxDep,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
     api_key: Annotated[str | None, Depends(api_key_scheme)],
 ) -> Principal:
-    """The key's principal; without a key, LOCAL while the API runs open (no key exists yet)."""
+    """The key's principal; without a key, LOCAL while the API runs open (the catalog has
+    never had a key), and only for requests addressed to a trusted host (api.hosts).
+
+    Once this process has seen the API closed it never opens again, whatever the rows say."""
     secret = bearer.credentials if bearer is not None else api_key
+    state = request.app.state
     with Session(ctx.engine) as session:
         if secret:
             return authenticate(session=session, secret=secret, admin_key=ctx.settings.admin_key_value)
-        if ctx.settings.auth == "required" or ctx.settings.admin_key is not None or keys_exist(session=session):
-            raise AuthenticationError(
-                "an API key is required", hint="send it as 'Authorization: Bearer <key>' (nds: --token or NDS_TOKEN); an admin creates keys with 'nds keys create'"
-            )
+        if getattr(state, "closed", False) or not api_is_open(session=session, auth=ctx.settings.auth, admin_key=ctx.settings.admin_key):
+            state.closed = True
+            raise AuthenticationError("an API key is required", hint=KEY_HINT)
+    allowed = ctx.settings.allowed_hosts
+    host = host_name(request.headers.get("host", ""))
+    if not trusted(host, allowed):
+        raise AuthenticationError(f"an API key is required for requests addressed to {host!r}",
+                                  hint="the open API serves only loopback hosts and NDS_ALLOWED_HOSTS; " + KEY_HINT)
+    if request.method not in SAFE_METHODS and not origin_trusted(request.headers.get("origin"), allowed):
+        raise AuthenticationError("an API key is required for requests from another site's page",
+                                  hint="the open API accepts changes only from loopback origins and NDS_ALLOWED_HOSTS; " + KEY_HINT)
     return LOCAL
 
 

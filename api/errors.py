@@ -18,12 +18,14 @@ from catalog.db import unavailable_database
 from catalog.errors import (
     AuthenticationError,
     ConflictError,
+    GoneError,
     InvalidInputError,
     NDSError,
     NotFoundError,
     PermissionDeniedError,
     PluginError,
     ServiceUnavailableError,
+    StorageFullError,
     VectorStoreBusyError,
 )
 
@@ -34,10 +36,12 @@ STATUS_BY_ERROR: list[tuple[type[NDSError], int]] = [
     (PermissionDeniedError, 403),
     (NotFoundError, 404),
     (ConflictError, 409),
+    (GoneError, 410),
     (InvalidInputError, 422),
     (PluginError, 422),
     (ServiceUnavailableError, 503),
     (VectorStoreBusyError, 503),
+    (StorageFullError, 503),  # the server's disk or quota is full: retry later (Retry-After), no path in the body
 ]
 
 
@@ -57,6 +61,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _nds_error(_: Request, exc: NDSError) -> JSONResponse:
         field = getattr(exc, "field", None)
         headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, AuthenticationError) else None
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            headers = {**(headers or {}), "Retry-After": str(retry_after)}
         return JSONResponse(status_code=status_for(exc), content=error_body(exc.message, field=field, hint=exc.hint), headers=headers)
 
     @app.exception_handler(RequestValidationError)

@@ -214,7 +214,7 @@ def time_http(cat: Catalog, budget: int, repeats: int) -> list[float]:
 
     body = {"expert_scores": {str(k): v for k, v in cat.scores.items()}, "budget": budget}
     times = []
-    with TestClient(create_app(cat.settings)) as client:
+    with TestClient(create_app(cat.settings), base_url="http://127.0.0.1") as client:
         r = client.post("/v1/queries", json={**body, "seed": 10_000})  # warm-up
         r.raise_for_status()
         for seed in range(repeats):

@@ -33,6 +33,7 @@ from catalog.models import ApiKey, Dataset, DatasetGrant, Role, utcnow
 KEY_PREFIX = "nds_"
 PREFIX_LENGTH = 12  # "nds_" + 8 characters
 KEY_NAME_MAX = 128
+MAX_ID = 2**63 - 1  # the largest row id a reference can name (64-bit)
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,9 @@ def create_key(*, session: Session, name: str, role: Role | str, secret: str | N
     """Store a new key (its hash) and return it with the secret, which is never stored.
 
     ``secret`` lets an operator install a key generated elsewhere (e.g. a deployment's
-    bootstrap key); it must be at least 32 characters."""
+    bootstrap key); it must be at least 32 characters. Names are unique for good: a revoked
+    key keeps its name (keys are audit records, and an old key must never be mistaken for a
+    new one), and a name may not be all digits (that reference is a key id)."""
     try:
         role = Role(role)
     except ValueError:
@@ -73,12 +76,18 @@ def create_key(*, session: Session, name: str, role: Role | str, secret: str | N
     name = (name or "").strip()
     if not name or len(name) > KEY_NAME_MAX:
         raise InvalidInputError("a key needs a name of 1 to 128 characters", field="name")
+    if is_id_ref(name):
+        raise InvalidInputError(f"invalid key name {name!r}: a name may not be all digits", field="name",
+                                hint=f"an all-digit reference means a key id; add a letter, e.g. 'key-{name}'")
     if secret is None:
         secret = new_secret()
     elif len(secret) < 32:
         raise InvalidInputError("a key must be at least 32 characters long", field="key", hint="omit it to have one generated")
-    if session.exec(select(ApiKey.id).where(ApiKey.name == name)).first() is not None:
-        raise ConflictError(f"a key named {name!r} exists", hint="pick another name, or revoke that key first")
+    existing = session.exec(select(ApiKey).where(ApiKey.name == name)).first()
+    if existing is not None:  # keys are audit records: a name is never reused, even once revoked
+        state = f"revoked key (id {existing.id})" if existing.revoked_at is not None else f"key (id {existing.id})"
+        raise ConflictError(f"the name {name!r} belongs to a {state}",
+                            hint="key names are never reused, even after revocation: pick another name")
     key = ApiKey(name=name, role=role, prefix=secret[:PREFIX_LENGTH], key_hash=hash_key(secret))
     session.add(key)
     session.flush()
@@ -92,11 +101,27 @@ def list_keys(*, session: Session, include_revoked: bool = False) -> list[ApiKey
     return list(session.exec(query).all())
 
 
+def is_id_ref(ref: str | int) -> bool:
+    """True when ``ref`` refers to a row by id: an int, or a string of ASCII digits
+    (the rule of :func:`find_key` and :func:`catalog.datasets.find_dataset`)."""
+    if isinstance(ref, bool):
+        return False
+    return isinstance(ref, int) or (isinstance(ref, str) and ref.isascii() and ref.isdigit())
+
+
 def find_key(*, session: Session, ref: str | int) -> ApiKey:
-    """A key by name, or by id when ``ref`` is a number that is not also a name."""
+    """A key by id or by name: an int or an all-digit ``ref`` is an id, anything else a name.
+
+    New key names may not be all digits (:func:`create_key`); a catalog that holds one from
+    before that rule still finds it by name, but only when no key has that id."""
+    if is_id_ref(ref):
+        key = session.get(ApiKey, int(ref)) if int(ref) <= MAX_ID else None
+        if key is None and isinstance(ref, str):  # an all-digit name from before the rule
+            key = session.exec(select(ApiKey).where(ApiKey.name == ref)).first()
+        if key is None:
+            raise NotFoundError(f"no API key with id {ref}", hint="an all-digit reference is a key id; 'nds keys list' shows the ids and names")
+        return key
     key = session.exec(select(ApiKey).where(ApiKey.name == str(ref))).first()
-    if key is None and str(ref).isdigit():
-        key = session.get(ApiKey, int(ref))
     if key is None:
         raise NotFoundError(f"no API key named {ref!r}", hint="'nds keys list' shows them")
     return key
@@ -111,8 +136,22 @@ def revoke_key(*, session: Session, ref: str | int) -> ApiKey:
     return key
 
 
-def keys_exist(*, session: Session) -> bool:
-    return session.exec(select(ApiKey.id).where(ApiKey.revoked_at.is_(None)).limit(1)).first() is not None
+def ever_had_keys(*, session: Session) -> bool:
+    """Whether this catalog has ever had an API key. Keys are never deleted (revoking one
+    keeps its row), so this is a persistent fact of the catalog: once true, never false."""
+    return session.exec(select(ApiKey.id).limit(1)).first() is not None
+
+
+def api_is_open(*, session: Session, auth: str, admin_key: object | None) -> bool:
+    """Open mode: every request acts as :data:`LOCAL`. Only for a catalog that has never had
+    a key, with ``NDS_AUTH=auto`` and no ``NDS_ADMIN_KEY``. Revoking every key, the last
+    admin key included, leaves the API closed: the operator's CLI (``nds keys create``) or
+    ``NDS_ADMIN_KEY`` is the way back in."""
+    return auth != "required" and admin_key is None and not ever_had_keys(session=session)
+
+
+def active_admin_keys(*, session: Session) -> int:
+    return len(session.exec(select(ApiKey.id).where(ApiKey.revoked_at.is_(None), ApiKey.role == Role.admin)).all())
 
 
 def authenticate(*, session: Session, secret: str, admin_key: str | None = None) -> Principal:

@@ -2,12 +2,18 @@
 
 Every write goes to a temporary file in the target folder and is renamed into place only
 when complete, so a reader never sees half a file and a crashed writer leaves at most a
-``.tmp-*`` file that :meth:`ArtifactStore.clean_temp` removes. Keys derived from a hash
-of their inputs make a repeated task produce the same single artifact.
+``.tmp-*`` file, which the garbage collection (:mod:`catalog.artifact_gc`, ``nds artifacts
+gc``) removes once it is older than its grace period, with the files no row references.
+Keys derived from a hash of their inputs make a repeated task produce the same single
+artifact.
+
+Error messages name the artifact key, never the store's folder on the server: they reach
+API clients. A full disk or quota is a :class:`StorageFullError` (503, retry later).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -16,9 +22,25 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from catalog.errors import ArtifactError, NotFoundError
+from catalog.errors import ArtifactError, NotFoundError, StorageFullError
 
 TEMP_PREFIX = ".tmp-"
+EXPORT_TEMP_SUFFIX = ".tmp"  # catalog.onnx_export writes ".<name>.<random>.tmp" next to its target
+FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether a file name is a writer's temporary file (the store's or the ONNX exporter's)."""
+    return name.startswith(TEMP_PREFIX) or (name.startswith(".") and name.endswith(EXPORT_TEMP_SUFFIX))
+
+
+def write_error(key: str, exc: OSError) -> ArtifactError:
+    """The project's error for an OSError while writing ``key``: no path in the message."""
+    reason = exc.strerror or type(exc).__name__
+    if exc.errno in FULL:
+        return StorageFullError(f"the server's storage is full: cannot write artifact {key} ({reason})",
+                                hint="retry later; an operator can free space, e.g. with 'nds artifacts gc'")
+    return ArtifactError(f"cannot write artifact {key}: {reason}", hint="the server log has the details")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -46,7 +68,7 @@ class ArtifactStore:
     def open_path(self, key: str) -> Path:
         path = self.path(key)
         if not path.is_file():
-            raise NotFoundError(f"artifact {key} is missing from {self.root}")
+            raise NotFoundError(f"artifact {key} is missing from the artifact store")
         return path
 
     @contextmanager
@@ -67,7 +89,7 @@ class ArtifactStore:
             fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=target.suffix, dir=target.parent)
             os.close(fd)
         except OSError as exc:
-            raise ArtifactError(f"cannot write artifact {key} under {self.root}: {exc.strerror or exc}") from exc
+            raise write_error(key, exc) from exc
         tmp = Path(tmp_name)
         try:
             yield tmp
@@ -77,7 +99,7 @@ class ArtifactStore:
             os.replace(tmp, target)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
-            raise ArtifactError(f"cannot write artifact {key} under {self.root}: {exc.strerror or exc}") from exc
+            raise write_error(key, exc) from exc
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -97,13 +119,3 @@ class ArtifactStore:
 
     def delete(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)
-
-    def clean_temp(self) -> int:
-        """Remove temp files left by writers that died; returns how many."""
-        if not self.root.exists():
-            return 0
-        removed = 0
-        for tmp in self.root.rglob(f"{TEMP_PREFIX}*"):
-            tmp.unlink(missing_ok=True)
-            removed += 1
-        return removed

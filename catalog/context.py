@@ -55,6 +55,12 @@ class CatalogContext:
     def data_roots(self):  # noqa: ANN201 - list[Path]
         return self.settings.resolved_data_roots
 
+    def shown_uri(self, principal):  # noqa: ANN001, ANN201 - Principal -> Callable[[str], str]
+        """How ``principal`` sees stored uris (catalog.uris: relative paths for client keys)."""
+        from catalog.uris import uri_view
+
+        return uri_view(principal, self.data_roots, self.settings.resolved_public_uris)
+
     def close(self) -> None:
         with self._vectors_lock:
             if self._vectors is not None:

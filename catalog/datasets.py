@@ -7,29 +7,46 @@ import re
 from sqlalchemy import delete, func
 from sqlmodel import Session, select
 
-from catalog.access import LOCAL, Principal, can_see, visible_clause
+from catalog.access import LOCAL, MAX_ID, Principal, is_id_ref, visible_clause
 from catalog.context import CatalogContext
 from catalog.db import session_scope
 from catalog.errors import ConflictError, InvalidInputError, NotFoundError
 from catalog.models import Assignment, Cluster, Dataset, DatasetStatus, Expert, Group, Sample
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: a dataset name, matched whole (``fullmatch``: ``$`` would also accept a final newline)
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 BUSY = (DatasetStatus.registering, DatasetStatus.indexing)
 
 
 def check_name(name: str) -> None:
-    if not NAME_PATTERN.match(name):
+    """A new dataset's name: 1-128 of ``[A-Za-z0-9._-]``, starting with a letter or digit, and
+    not all digits (an all-digit reference is a dataset id, see :func:`find_dataset`)."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise InvalidInputError(
             f"invalid dataset name {name!r}",
             field="name",
             hint="use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
         )
+    if name.isdigit():
+        raise InvalidInputError(
+            f"invalid dataset name {name!r}: a name may not be all digits",
+            field="name",
+            hint=f"an all-digit reference means a dataset id; add a letter, e.g. 'ds-{name}'",
+        )
 
 
 def get_dataset(*, session: Session, dataset_id: int, principal: Principal = LOCAL) -> Dataset:
-    """One dataset; a dataset ``principal`` may not see does not exist for it (404, not 403)."""
-    dataset = session.get(Dataset, dataset_id)
-    if dataset is None or (dataset.restricted and not can_see(session=session, principal=principal, dataset_id=dataset_id)):
+    """One dataset; a dataset ``principal`` may not see does not exist for it (404, not 403).
+
+    One query with the visibility condition in it, whether the dataset is missing, hidden
+    or visible: a hidden one costs the same work as a missing one, so its answer time
+    does not tell it apart."""
+    query = select(Dataset).where(Dataset.id == dataset_id)
+    clause = visible_clause(principal)
+    if clause is not None:
+        query = query.where(clause)
+    dataset = session.exec(query).first()
+    if dataset is None:
         raise NotFoundError(f"no dataset with id {dataset_id}", hint="'nds datasets list' shows the registered ones")
     return dataset
 
@@ -42,10 +59,21 @@ def get_dataset_by_name(*, session: Session, name: str) -> Dataset:
 
 
 def find_dataset(*, session: Session, ref: str) -> Dataset:
-    """A dataset by name, or by id when ``ref`` is a number that is not also a name."""
+    """A dataset by id or by name: an all-digit ``ref`` is an id, anything else a name.
+
+    New names may not be all digits (:func:`check_name`); a catalog that holds one from
+    before that rule still finds it by name, but only when no dataset has that id."""
+    if is_id_ref(ref):
+        dataset = session.get(Dataset, int(ref)) if int(ref) <= MAX_ID else None
+        if dataset is None:  # an all-digit name registered before names had to hold a letter
+            dataset = session.exec(select(Dataset).where(Dataset.name == str(ref))).first()
+        if dataset is None:
+            raise NotFoundError(
+                f"no dataset with id {ref}",
+                hint="an all-digit reference is a dataset id; 'nds datasets list' shows the ids and names",
+            )
+        return dataset
     dataset = session.exec(select(Dataset).where(Dataset.name == ref)).first()
-    if dataset is None and ref.isdigit():
-        dataset = session.get(Dataset, int(ref))
     if dataset is None:
         raise NotFoundError(f"no dataset named {ref!r}", hint="'nds datasets list' shows the registered ones")
     return dataset
@@ -79,7 +107,9 @@ def list_clusters(*, session: Session, dataset_id: int, principal: Principal = L
 
 
 def delete_dataset(*, ctx: CatalogContext, dataset_id: int) -> Dataset:
-    """Remove a dataset's rows and vectors; its source files and artifacts stay."""
+    """Remove a dataset's rows and vectors, then collect the artifact store's garbage: its
+    experts' files at once, other unreferenced files (its published backbone, if no other
+    dataset uses it) after the grace period (:mod:`catalog.artifact_gc`). Its source files stay."""
     with session_scope(ctx.engine) as session:
         dataset = get_dataset(session=session, dataset_id=dataset_id)
         if dataset.status in BUSY:
@@ -91,8 +121,16 @@ def delete_dataset(*, ctx: CatalogContext, dataset_id: int) -> Dataset:
         ctx.vectors.delete_dataset(dataset_id)
     with session_scope(ctx.engine) as session:
         dataset = get_dataset(session=session, dataset_id=dataset_id)
+        released = set(session.exec(select(Expert.artifact).where(Expert.dataset_id == dataset_id)).all())
+        if dataset.backbone:
+            from catalog.spaces import PUBLISHED
+
+            released.update((f"{PUBLISHED}/{dataset.backbone}.onnx", f"{PUBLISHED}/{dataset.backbone}.json"))
         purge_rows(session, dataset_id)
         session.delete(dataset)
+    from catalog.artifact_gc import collect_after_delete
+
+    collect_after_delete(ctx, released)  # what no other row refers to; never fails the delete
     return dataset
 
 

@@ -89,14 +89,39 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
+def _migrate(engine: Engine, settings: Settings, step, revision: str) -> None:  # noqa: ANN001 - an alembic command
+    """Run one Alembic command in one transaction.
+
+    On SQLite, foreign-key actions are switched off first (outside the transaction, the
+    only place SQLite honours the pragma): a migration that rebuilds a table drops the
+    old copy, and with them on, dropping ``datasets`` would cascade to every sample.
+    Every reference is checked before the transaction commits instead."""
+    sqlite = engine.dialect.name == "sqlite"
+    with engine.connect() as conn:
+        if sqlite:
+            conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            conn.commit()
+        try:
+            with conn.begin():
+                cfg = alembic_config(settings.sqlalchemy_url)
+                cfg.attributes["connection"] = conn
+                step(cfg, revision)
+                if sqlite:
+                    broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                    if broken:
+                        raise NDSError(f"the migration left {len(broken)} broken references (first: {tuple(broken[0])}); nothing was changed",
+                                       hint="report this; the catalog is as it was before")
+        finally:
+            if sqlite:
+                conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+                conn.commit()
+
+
 def upgrade(settings: Settings, revision: str = "head") -> str | None:
     """Create or upgrade the schema; returns the revision the database is at afterwards."""
     engine = create_db_engine(settings)
     try:
-        with engine.begin() as conn:
-            cfg = alembic_config(settings.sqlalchemy_url)
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, revision)
+        _migrate(engine, settings, command.upgrade, revision)
         return current_revision(engine)
     except OperationalError as exc:
         raise ServiceUnavailableError(
@@ -109,10 +134,7 @@ def upgrade(settings: Settings, revision: str = "head") -> str | None:
 def downgrade(settings: Settings, revision: str) -> str | None:
     engine = create_db_engine(settings)
     try:
-        with engine.begin() as conn:
-            cfg = alembic_config(settings.sqlalchemy_url)
-            cfg.attributes["connection"] = conn
-            command.downgrade(cfg, revision)
+        _migrate(engine, settings, command.downgrade, revision)
         return current_revision(engine)
     finally:
         engine.dispose()

@@ -3,12 +3,14 @@
     NDSError
     +-- NotFoundError          a named thing (dataset, job, expert, query) does not exist
     +-- ConflictError          the request clashes with what is stored (duplicate name, busy dataset)
+    +-- GoneError              it existed, and what it depends on is gone (a query's deleted dataset)
     +-- InvalidInputError      bad input; carries the name of the offending field
     +-- SourceError            a dataset source cannot be read (missing path, bad manifest)
     +-- PluginError            an unknown or broken plugin name
     +-- VectorStoreError       the vector store failed; third-party errors are translated here
     |   +-- VectorStoreBusyError   the embedded store is locked by another process
     +-- ArtifactError          an artifact could not be written or read
+    |   +-- StorageFullError       the artifact store's disk (or quota) is full: retry later
     +-- ServiceUnavailableError  a backing service (broker, database) cannot be reached
     +-- AuthenticationError    no API key, or one that is unknown or revoked
     +-- PermissionDeniedError  a valid key whose role may not do this
@@ -40,6 +42,10 @@ class ConflictError(NDSError):
     pass
 
 
+class GoneError(NDSError):
+    """What was asked for existed, but what it depends on was deleted or replaced for good."""
+
+
 class InvalidInputError(NDSError):
     """Bad input. ``field`` names what was wrong, as the user spelled it."""
 
@@ -66,6 +72,13 @@ class VectorStoreBusyError(VectorStoreError):
 
 class ArtifactError(NDSError):
     pass
+
+
+class StorageFullError(ArtifactError):
+    """No space (ENOSPC) or quota (EDQUOT) left where artifacts are written; the API answers
+    503 with Retry-After, and the message names no server path."""
+
+    retry_after = 60
 
 
 class ServiceUnavailableError(NDSError):

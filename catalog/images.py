@@ -3,13 +3,22 @@
 Experts are trained on images prepared by :func:`load_image` and clients score them on
 images prepared by the same function, so both sides see identical pixels: RGB, centre
 crop to a square, resize to ``size`` (bilinear). Only PIL and numpy: the client imports it.
+
+Memory is bounded per image: :func:`open_image` reads the header and refuses an image
+whose width x height exceeds ``max_pixels`` (``NDS_MAX_IMAGE_PIXELS`` on the server) before
+anything is decoded, and an image above :data:`LARGE_IMAGE_PIXELS` is decoded reduced
+(JPEG: at 1/2, 1/4 or 1/8 scale by the decoder itself) and shrunk by an integer factor
+before it is cropped, so it is not copied at full size (except once to RGB, for palette,
+alpha, CMYK and 16-bit images). Smaller images are decoded exactly as they always were.
 """
 
 from __future__ import annotations
 
 import io
 import os
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +27,48 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 ImageSource = str | os.PathLike | bytes
+
+DEFAULT_MAX_IMAGE_PIXELS = 1 << 26  # 67,108,864 (8192 x 8192): the default of NDS_MAX_IMAGE_PIXELS
+LARGE_IMAGE_PIXELS = 1 << 24  # above 16.8 Mpx an image is decoded reduced (smaller ones: exactly as always)
+
+
+class TooManyPixels(ValueError):
+    """An image whose header declares more pixels than allowed; nothing of it was decoded."""
+
+    def __init__(self, pixels: int, max_pixels: int, size: tuple[int, int] | None = None) -> None:
+        self.pixels, self.max_pixels, self.size = pixels, max_pixels, size
+        shown = f"{size[0]}x{size[1]} = {pixels:,}" if size else f"{pixels:,}"
+        super().__init__(f"too many pixels: {shown} > {max_pixels:,}")
+
+
+def _let_pillow_open(max_pixels: int) -> None:
+    """The one place Pillow's global decompression-bomb limit is touched.
+
+    Pillow warns in ``Image.open`` above ``Image.MAX_IMAGE_PIXELS`` (89,478,485 by default)
+    and raises ``DecompressionBombError`` above twice it. :func:`open_image` enforces its
+    own cap from the header, so Pillow's limit only needs to be no lower than it: it is
+    raised to ``max_pixels`` when an operator sets NDS_MAX_IMAGE_PIXELS above it, and is
+    never lowered or disabled (other code in the process keeps Pillow's protection)."""
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+@contextmanager
+def open_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Iterator[Image.Image]:
+    """``Image.open`` (a path, bytes or a binary file), header only: raises
+    :class:`TooManyPixels` for more than ``max_pixels`` pixels before anything is decoded
+    (Pillow's own DecompressionBombError, for an image past twice its limit, becomes one too)."""
+    _let_pillow_open(max_pixels)
+    data = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
+    try:
+        with Image.open(data) as im:
+            width, height = im.size
+            if width * height > max_pixels:
+                raise TooManyPixels(width * height, max_pixels, (width, height))
+            yield im
+    except Image.DecompressionBombError as exc:
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        raise TooManyPixels(int(found.group(1)) if found else max_pixels + 1, max_pixels) from exc
 
 
 def square_resize(image: Image.Image, size: int) -> np.ndarray:
@@ -33,15 +84,34 @@ def square_resize(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def load_image(source: ImageSource, size: int) -> np.ndarray:
-    """Decode one image file (or its bytes) into uint8 (size, size, 3); OSError/ValueError if unreadable."""
-    data = io.BytesIO(source) if isinstance(source, bytes | bytearray) else os.fspath(source)
+def load_image(source: ImageSource, size: int, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Decode one image file (or its bytes) into uint8 (size, size, 3); OSError/ValueError if
+    unreadable, :class:`TooManyPixels` (a ValueError, nothing decoded) above ``max_pixels``."""
+    data = source if isinstance(source, bytes | bytearray) else os.fspath(source)
     try:
-        with Image.open(data) as im:
+        with open_image(data, max_pixels) as im:
+            if im.width * im.height > LARGE_IMAGE_PIXELS:
+                return _reduced_square_resize(im, size)
             im.load()
             return square_resize(im, size)
     except UnidentifiedImageError as exc:
         raise ValueError(f"not an image: {source if not isinstance(source, bytes | bytearray) else 'bytes'}") from exc
+
+
+def _reduced_square_resize(im: Image.Image, size: int) -> np.ndarray:
+    """:func:`square_resize` of a large image without a full-size copy: JPEGs are decoded at
+    the smallest of 1/2, 1/4, 1/8 scale that keeps the short side >= ``size``; then the image
+    is shrunk by an integer factor to a short side of about 2 x ``size`` (box filter) before
+    the RGB conversion, crop and bilinear resize. Peak: the decoded image (at most
+    ``max_pixels`` x 4 bytes, far less for JPEG) plus small copies."""
+    im.draft("RGB", (size, size))  # JPEG only; other formats ignore it
+    im.load()
+    factor = min(im.size) // (2 * size)
+    if factor > 1:
+        if im.mode not in ("L", "RGB"):  # palette and 1-bit images cannot be averaged; others would average alpha or ink
+            im = im.convert("RGB")
+        im = im.reduce(factor)
+    return square_resize(im, size)
 
 
 @dataclass
@@ -57,15 +127,17 @@ def load_images(
     *,
     workers: int = 4,
     progress: Callable[[float], None] | None = None,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> LoadedImages:
-    """Decode many images on a thread pool, keeping their order; unreadable ones are listed, not raised."""
+    """Decode many images on a thread pool, keeping their order; unreadable ones, and those
+    above ``max_pixels`` (never decoded), are listed, not raised."""
     out = np.zeros((len(sources), size, size, 3), dtype=np.uint8)
     ok = np.zeros(len(sources), dtype=bool)
     failed: list[tuple[int, str]] = []
 
     def one(i: int) -> tuple[int, str | None]:
         try:
-            out[i] = load_image(sources[i], size)
+            out[i] = load_image(sources[i], size, max_pixels=max_pixels)
             return i, None
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             return i, f"{type(exc).__name__}: {exc}"

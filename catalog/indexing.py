@@ -3,7 +3,8 @@
 One job, five steps, for one dataset:
 
 1. **embed** every sample with a backbone plugin and upsert the vectors (point id =
-   sample id; payload dataset_id, label, cluster_id) into the backbone's collection;
+   sample id; payload dataset_id, label: no cluster, which belongs to an index version
+   and is read from the catalog) into the backbone's collection;
 2. **partition** the samples into K clusters (k-means with faiss, or by label);
 3. **train one rotation expert per cluster** (a narrow ResNet predicting 0/90/180/270),
    recording its held-out rotation accuracy on its own cluster;
@@ -17,7 +18,8 @@ that is run again (a redelivered Celery task after a worker died) reuses what wa
 finished and produces exactly one artifact per expert. Catalog rows for the new index
 version (clusters, assignments, experts) are written in one transaction that also flips
 the dataset's active ``index_version``: a reader sees the old version or the new one,
-never a mix. Other datasets are never touched.
+never a mix; a run that fails or dies leaves no point outside the active space
+(``discard_uncommitted_points``). Other datasets are never touched.
 """
 
 from __future__ import annotations
@@ -38,10 +40,11 @@ from catalog.context import CatalogContext
 from catalog.db import session_scope
 from catalog.errors import ConflictError, InvalidInputError, NDSError, NotFoundError
 from catalog.images import load_images
-from catalog.jobs import JobFailed, JobReporter, create_job
+from catalog.jobs import JobFailed, JobReporter, create_job, datasets_with_live_jobs
 from catalog.models import Assignment, Cluster, Dataset, DatasetStatus, Expert, ExpertKind, Group, Job, Sample, utcnow
 from catalog.paths import resolve_in_roots
 from catalog.spaces import publish_backbone
+from catalog.vectors import collection_name
 from plugins.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneEnv
 
 log = logging.getLogger(__name__)
@@ -159,7 +162,8 @@ def _index(ctx: CatalogContext, dataset_id: int, request: IndexRequest, report: 
 
     t = time.perf_counter()
     report.step("load images", start=0.0, end=0.08)
-    loaded = load_images(uris, request.image_size, workers=ctx.settings.scan_workers, progress=report.progress)
+    loaded = load_images(uris, request.image_size, workers=ctx.settings.scan_workers, progress=report.progress,
+                         max_pixels=ctx.settings.max_image_pixels)
     if len(loaded.index) == 0:
         first = loaded.failed[0][1] if loaded.failed else "no samples"
         raise JobFailed(f"none of the {len(uris)} images of {name!r} could be decoded (first error: {first})")
@@ -182,7 +186,8 @@ def _index(ctx: CatalogContext, dataset_id: int, request: IndexRequest, report: 
     if backbone.input_size == request.image_size:
         backbone_images = images
     else:
-        backbone_images = load_images([uris[i] for i in loaded.index], backbone.input_size, workers=ctx.settings.scan_workers).images
+        backbone_images = load_images([uris[i] for i in loaded.index], backbone.input_size, workers=ctx.settings.scan_workers,
+                                      max_pixels=ctx.settings.max_image_pixels).images
     vectors = embed_in_batches(backbone, backbone_images, report)
     timings["embed"] = time.perf_counter() - t
 
@@ -193,16 +198,14 @@ def _index(ctx: CatalogContext, dataset_id: int, request: IndexRequest, report: 
 
     t = time.perf_counter()
     report.step("vectors", start=0.3, end=0.35)
+    # Points carry no cluster: which cluster a sample is in belongs to an index version,
+    # and the catalog's active version says which one reads see. With the same backbone the
+    # points are the ones already there; a new backbone's points go to its own collection,
+    # and the old space's points are dropped only once the new version is committed, so a
+    # run that fails or dies half-way leaves every read as it was (discard_uncommitted_points).
     store = ctx.vectors
-    if old_backbone and old_backbone != backbone.version:
-        store.delete_dataset(dataset_id)  # a new embedding space: never mix two in one collection
     store.ensure_collection(backbone.collection, backbone.dim)
-    store.upsert(
-        backbone.collection,
-        ids.tolist(),
-        vectors,
-        [{"dataset_id": dataset_id, "label": lab, "cluster_id": int(c)} for lab, c in zip(labels, clusters)],
-    )
+    store.upsert(backbone.collection, ids.tolist(), vectors, [{"dataset_id": dataset_id, "label": lab} for lab in labels])
     timings["vectors"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -240,6 +243,8 @@ def _index(ctx: CatalogContext, dataset_id: int, request: IndexRequest, report: 
         ctx, dataset_id=dataset_id, ids=ids, labels=labels, clusters=clusters, centroids=centroids,
         cluster_labels=cluster_labels, experts=experts + ([classifier] if classifier else []), backbone=backbone,
     )
+    if old_backbone and old_backbone != backbone.version:
+        store.delete_dataset(dataset_id, keep=backbone.collection)  # never two spaces for one dataset
     return {
         "dataset_id": dataset_id,
         "name": name,
@@ -266,23 +271,39 @@ class _SubProgress:
 
 
 def restore_status(ctx: CatalogContext, dataset_id: int | None) -> None:
-    """After a failed index job: back to 'indexed' if an older index exists, else 'ready'."""
+    """After a failed index job: back to 'indexed' if an older index exists, else 'ready',
+    without the points the failed run wrote outside the dataset's active embedding space."""
     if dataset_id is None:
         return
     with session_scope(ctx.engine) as session:
         dataset = session.get(Dataset, dataset_id)
-        if dataset is not None and dataset.status == DatasetStatus.indexing:
-            dataset.status = DatasetStatus.indexed if dataset.index_version > 0 else DatasetStatus.ready
-            dataset.updated_at = utcnow()
+        if dataset is None or dataset.status != DatasetStatus.indexing:
+            return
+        dataset.status = DatasetStatus.indexed if dataset.index_version > 0 else DatasetStatus.ready
+        dataset.updated_at = utcnow()
+        backbone = dataset.backbone if dataset.index_version > 0 else None
+    discard_uncommitted_points(ctx, dataset_id, backbone)
+
+
+def discard_uncommitted_points(ctx: CatalogContext, dataset_id: int, backbone: str | None) -> int:
+    """Delete a dataset's points from every collection but its active space's (all of them
+    when it has no index): what an index run that did not commit wrote there."""
+    return ctx.vectors.delete_dataset(dataset_id, keep=collection_name(backbone) if backbone else None)
 
 
 def restore_interrupted_indexing(ctx: CatalogContext) -> list[str]:
-    """Datasets left 'indexing' by a process that died go back to their previous status."""
+    """Datasets left 'indexing' with no live index job (its process died) go back to their
+    previous status, and what the abandoned run wrote to the vector store is removed. Run
+    after :func:`catalog.jobs.mark_interrupted`: an index job of a live process is left alone."""
     with session_scope(ctx.engine) as session:
-        stuck = session.exec(select(Dataset).where(Dataset.status == DatasetStatus.indexing)).all()
+        live = datasets_with_live_jobs(session, "index")
+        stuck = [d for d in session.exec(select(Dataset).where(Dataset.status == DatasetStatus.indexing)).all() if d.id not in live]
         for dataset in stuck:
             dataset.status = DatasetStatus.indexed if dataset.index_version > 0 else DatasetStatus.ready
-        return [d.name for d in stuck]
+        spaces = [(d.id, d.backbone if d.index_version > 0 else None) for d in stuck]
+    for dataset_id, backbone in spaces:
+        discard_uncommitted_points(ctx, dataset_id, backbone)
+    return [d.name for d in stuck]
 
 
 # --------------------------------------------------------------------------- steps
@@ -306,11 +327,21 @@ def resolve_backbone(ctx: CatalogContext, request: IndexRequest, report: JobRepo
 
 
 def sample_registered_images(ctx: CatalogContext, n: int, size: int, *, seed: int = 0) -> np.ndarray:
-    """Up to ``n`` images drawn evenly from every registered dataset, decoded at ``size``."""
+    """Up to ``n`` images drawn evenly from every registered dataset, decoded at ``size``:
+    what the shared default backbone trains on. Every key may download that backbone, so
+    restricted datasets are left out unless ``NDS_BACKBONE_INCLUDE_RESTRICTED`` is set."""
     with session_scope(ctx.engine) as session:
-        datasets = session.exec(
-            select(Dataset.id).where(Dataset.status.in_([DatasetStatus.ready, DatasetStatus.indexed, DatasetStatus.indexing]))
-        ).all()
+        registered = select(Dataset.id).where(Dataset.status.in_([DatasetStatus.ready, DatasetStatus.indexed, DatasetStatus.indexing]))
+        if ctx.settings.backbone_include_restricted:
+            datasets = session.exec(registered).all()
+        else:
+            datasets = session.exec(registered.where(Dataset.restricted.is_(False))).all()
+            if not datasets and session.exec(registered.limit(1)).first() is not None:
+                raise JobFailed(
+                    "the shared default backbone trains only on unrestricted datasets, and every registered dataset is restricted",
+                    hint="register an unrestricted dataset first, set NDS_BACKBONE_INCLUDE_RESTRICTED=true, or index with "
+                         "--backbone torchvision:<arch> or onnx:<file>",
+                )
         per = max(n // max(len(datasets), 1), 1)
         rng = np.random.default_rng(seed)
         uris: list[str] = []
@@ -318,7 +349,7 @@ def sample_registered_images(ctx: CatalogContext, n: int, size: int, *, seed: in
             all_uris = session.exec(select(Sample.uri).where(Sample.dataset_id == did).order_by(Sample.position)).all()
             take = rng.choice(len(all_uris), size=min(per, len(all_uris)), replace=False) if all_uris else []
             uris.extend(all_uris[i] for i in sorted(take))
-    return load_images(uris, size, workers=ctx.settings.scan_workers).images
+    return load_images(uris, size, workers=ctx.settings.scan_workers, max_pixels=ctx.settings.max_image_pixels).images
 
 
 def embed_in_batches(backbone: Backbone, images: np.ndarray, report: JobReporter, batch: int = 1024) -> np.ndarray:

@@ -10,6 +10,8 @@ in a background thread (embedded default), inline (the CLI), or in a Celery work
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 import traceback
@@ -60,8 +62,29 @@ class JobFailed(NDSError):
     """Raised by a handler to fail its job with a message for the user (no traceback kept)."""
 
 
+def this_process() -> str:
+    """``host:pid`` of this process, as jobs record their owner and worker."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process runs; a zombie (killed, not yet reaped) counts as dead."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            state = fh.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
 def create_job(session: Session, *, kind: str, dataset_id: int | None, params: dict[str, Any] | None = None) -> Job:
-    job = Job(id=str(uuid.uuid4()), kind=kind, dataset_id=dataset_id, params=params or {})
+    job = Job(id=str(uuid.uuid4()), kind=kind, dataset_id=dataset_id, params=params or {}, owner=this_process())
     session.add(job)
     return job
 
@@ -122,7 +145,7 @@ def run_job(ctx: CatalogContext, job_id: str, *, listener: ProgressCallback | No
         job.started_at = utcnow()
         job.attempts += 1
         job.error = None
-        job.worker = worker
+        job.worker = worker or this_process()
     reporter = JobReporter(ctx.engine, job_id, listener=listener)
     if handler is None:
         return _finish(ctx, job_id, error=f"no handler for job kind '{job.kind}'")
@@ -150,10 +173,26 @@ def _finish(ctx: CatalogContext, job_id: str, *, result: dict[str, Any] | None =
         return job
 
 
-def mark_interrupted(ctx: CatalogContext, *, reason: str) -> list[Job]:
-    """Fail jobs left queued or running by a process that died (embedded mode only)."""
+def job_process_dead(job: Job, *, host: str, alive: Callable[[int], bool] = process_alive) -> bool:
+    """Whether the process a job depends on is gone: its worker once one runs it, else the
+    process that created it. A process of another host is never judged (False); a job of a
+    catalog older than owner records (neither recorded) counts as dead."""
+    process = job.worker or job.owner
+    if not process:
+        return True
+    where, _, pid = process.rpartition(":")
+    if where != host or not pid.isdigit():
+        return False
+    return not alive(int(pid))
+
+
+def mark_interrupted(ctx: CatalogContext, *, reason: str, alive: Callable[[int], bool] = process_alive) -> list[Job]:
+    """Fail the jobs left queued or running by a process of this host that died (embedded
+    mode); jobs of live processes (a CLI registering beside the server) are not touched."""
+    host = socket.gethostname()
     with session_scope(ctx.engine) as session:
-        stale = session.exec(select(Job).where(Job.status.in_([JobStatus.queued, JobStatus.running]))).all()
+        pending = session.exec(select(Job).where(Job.status.in_([JobStatus.queued, JobStatus.running]))).all()
+        stale = [job for job in pending if job_process_dead(job, host=host, alive=alive)]
         for job in stale:
             job.status = JobStatus.failed
             job.error = reason
@@ -161,16 +200,18 @@ def mark_interrupted(ctx: CatalogContext, *, reason: str) -> list[Job]:
         return list(stale)
 
 
+def datasets_with_live_jobs(session: Session, kind: str) -> set[int]:
+    """Datasets that a queued or running job of ``kind`` is working on (after
+    :func:`mark_interrupted`, only jobs of live processes are left in those states)."""
+    rows = session.exec(select(Job.dataset_id).where(Job.kind == kind, Job.status.in_([JobStatus.queued, JobStatus.running]))).all()
+    return {d for d in rows if d is not None}
+
+
 def orphaned_jobs(ctx: CatalogContext, *, host: str, alive: Callable[[int], bool]) -> list[str]:
     """Ids of jobs marked running by a process of ``host`` that no longer exists."""
     with session_scope(ctx.engine) as session:
         running = session.exec(select(Job).where(Job.status == JobStatus.running, Job.worker.like(f"{host}:%"))).all()
-        orphans = []
-        for job in running:
-            _, _, pid = (job.worker or "").rpartition(":")
-            if pid.isdigit() and not alive(int(pid)):
-                orphans.append(job.id)
-        return orphans
+        return [job.id for job in running if job_process_dead(job, host=host, alive=alive)]
 
 
 class Dispatcher(Protocol):

@@ -20,6 +20,11 @@ from sqlmodel import Field, SQLModel
 # 64-bit ids on PostgreSQL; INTEGER on SQLite so the column is the rowid and autoincrements.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
+#: No id is ever handed out twice: a stored query names datasets, experts and samples by
+#: id, so a reused id would point it at another dataset's rows. PostgreSQL's sequences
+#: never go back; on SQLite this makes the rowid AUTOINCREMENT (migration 0005).
+NEVER_REUSED = {"sqlite_autoincrement": True}
+
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc).replace(microsecond=0)
@@ -58,6 +63,7 @@ class DatasetBase(SQLModel):
 
 class Dataset(DatasetBase, table=True):
     __tablename__ = "datasets"
+    __table_args__ = (NEVER_REUSED,)
     id: int | None = Field(default=None, primary_key=True)
     status: DatasetStatus = Field(default=DatasetStatus.registering)
     num_samples: int = 0
@@ -110,6 +116,7 @@ class Sample(SampleBase, table=True):
     __tablename__ = "samples"
     __table_args__ = (
         UniqueConstraint("dataset_id", "position", name="uq_samples_dataset_position"),
+        NEVER_REUSED,
     )
     id: int | None = Field(default=None, sa_column=Column(BigId, primary_key=True, autoincrement=True))
     dataset_id: int = Field(foreign_key="datasets.id", index=True, ondelete="CASCADE")
@@ -136,6 +143,7 @@ class Cluster(SQLModel, table=True):
     __tablename__ = "clusters"
     __table_args__ = (
         UniqueConstraint("dataset_id", "index_version", "cluster", name="uq_clusters_version_cluster"),
+        NEVER_REUSED,
     )
     id: int | None = Field(default=None, primary_key=True)
     dataset_id: int = Field(foreign_key="datasets.id", index=True, ondelete="CASCADE")
@@ -173,7 +181,7 @@ class Group(SQLModel, table=True):
     """
 
     __tablename__ = "groups"
-    __table_args__ = (Index("ix_groups_version", "dataset_id", "index_version"),)
+    __table_args__ = (Index("ix_groups_version", "dataset_id", "index_version"), NEVER_REUSED)
     id: int | None = Field(default=None, primary_key=True)
     dataset_id: int = Field(foreign_key="datasets.id", ondelete="CASCADE")
     index_version: int
@@ -206,6 +214,7 @@ class Assignment(SQLModel, table=True):
 
 class Expert(SQLModel, table=True):
     __tablename__ = "experts"
+    __table_args__ = (NEVER_REUSED,)
     id: int | None = Field(default=None, primary_key=True)
     dataset_id: int = Field(foreign_key="datasets.id", index=True, ondelete="CASCADE")
     index_version: int
@@ -255,6 +264,7 @@ class Job(SQLModel, table=True):
     error: str | None = None
     attempts: int = 0
     worker: str | None = Field(default=None, max_length=255, description="host:pid of the process running it.")
+    owner: str | None = Field(default=None, max_length=255, description="host:pid of the process that created it.")
     created_at: datetime = Field(default_factory=utcnow)
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -303,6 +313,7 @@ class ApiKeyBase(SQLModel):
 
 class ApiKey(ApiKeyBase, table=True):
     __tablename__ = "api_keys"
+    __table_args__ = (NEVER_REUSED,)
     id: int | None = Field(default=None, primary_key=True)
     prefix: str = Field(max_length=16, description="The key's first characters, to recognise it in listings.")
     key_hash: str = Field(max_length=64, unique=True, description="sha256 of the key; the key itself is never stored.")

@@ -3,7 +3,8 @@
 Validation runs before anything is stored (bad name, unknown source plugin, missing or
 unreadable path, a path outside the data roots, an empty source) so a bad request
 changes nothing. The job reads, hashes and decodes every image on a thread pool,
-skipping and counting unreadable ones, and stores the samples batch by batch while the
+skipping and counting unreadable ones and those above NDS_MAX_FILE_BYTES or
+NDS_MAX_IMAGE_PIXELS (checked before reading or decoding them), and stores the samples batch by batch while the
 dataset is 'registering'; if it fails (or its process dies) the dataset and its rows are
 removed, so a registration is either complete or absent.
 """
@@ -11,7 +12,6 @@ removed, so a registration is either complete or absent.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 from collections import Counter
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 from sqlalchemy import delete, insert
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
@@ -30,7 +30,8 @@ from catalog.context import CatalogContext
 from catalog.datasets import check_name, purge_rows
 from catalog.db import session_scope
 from catalog.errors import ConflictError, InvalidInputError, PluginError, SourceError
-from catalog.jobs import JobFailed, JobReporter, create_job
+from catalog.images import DEFAULT_MAX_IMAGE_PIXELS, TooManyPixels, open_image
+from catalog.jobs import JobFailed, JobReporter, create_job, datasets_with_live_jobs
 from catalog.models import Dataset, DatasetStatus, Job, Sample, utcnow
 from catalog.paths import resolve_in_roots, within
 from plugins.sources.base import Source, SourceItem
@@ -39,7 +40,10 @@ log = logging.getLogger(__name__)
 
 MAX_LISTED_SKIPS = 1000
 BATCH = 4096  # source items read, scanned and stored at a time
-MAX_IMAGE_PIXELS = 1 << 28  # refuse decompression bombs well above any real photo
+HASH_CHUNK = 1 << 20  # a larger file is hashed in reads of this size, never held whole; a smaller one is read once
+DEFAULT_MAX_FILE_BYTES = 256 * 2**20  # the default of NDS_MAX_FILE_BYTES
+TOO_LARGE = "larger than NDS_MAX_FILE_BYTES"
+TOO_MANY_PIXELS = "too many pixels for NDS_MAX_IMAGE_PIXELS"
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class ScannedImage:
     byte_size: int = 0
     sha256: str = ""
     skipped: str | None = None  # the reason, when the item is not a usable image
+    detail: str | None = None   # this file's numbers for the reason (the reason itself is one per kind, for counting)
 
 
 def open_source(ctx: CatalogContext, source_name: str, path: Path) -> Source:
@@ -131,14 +136,15 @@ def run_registration(ctx: CatalogContext, job: Job, report: JobReporter) -> dict
         items = open_source(ctx, source_name, Path(uri)).items()
         with ThreadPoolExecutor(max_workers=max(ctx.settings.scan_workers, 1), thread_name_prefix="nds-scan") as pool:
             while batch := list(islice(items, BATCH)):
-                scanned = scan_batch(pool, batch, seen, ctx.data_roots)
+                scanned = scan_batch(pool, batch, seen, ctx.data_roots, max_file_bytes=ctx.settings.max_file_bytes,
+                                     max_pixels=ctx.settings.max_image_pixels)
                 seen += len(batch)
                 rows = []
                 for s in scanned:
                     if s.skipped is not None:
                         reasons[s.skipped] += 1
                         if len(listed) < MAX_LISTED_SKIPS:
-                            listed.append({"uri": s.uri, "reason": s.skipped})
+                            listed.append({"uri": s.uri, "reason": f"{s.skipped}: {s.detail}" if s.detail else s.skipped})
                         continue
                     if s.label is not None:
                         labels.add(s.label)
@@ -187,9 +193,12 @@ def remove_partial_dataset(ctx: CatalogContext, dataset_id: int | None) -> None:
 
 
 def remove_interrupted_registrations(ctx: CatalogContext) -> list[str]:
-    """Remove datasets left 'registering' by a process that died; returns their names."""
+    """Remove datasets left 'registering' with no live registration job (its process died);
+    returns their names. Run after :func:`catalog.jobs.mark_interrupted`, so a registration
+    that a live process (a CLI beside the server) is running is left alone."""
     with session_scope(ctx.engine) as session:
-        stale = session.exec(select(Dataset).where(Dataset.status == DatasetStatus.registering)).all()
+        live = datasets_with_live_jobs(session, "register")
+        stale = [d for d in session.exec(select(Dataset).where(Dataset.status == DatasetStatus.registering)).all() if d.id not in live]
         names = [d.name for d in stale]
         for dataset in stale:
             purge_rows(session, dataset.id)
@@ -197,16 +206,24 @@ def remove_interrupted_registrations(ctx: CatalogContext) -> list[str]:
     return names
 
 
-def scan_batch(pool: ThreadPoolExecutor, items: list[SourceItem], first: int, roots: list[Path], chunk: int = 64) -> list[ScannedImage]:
+def scan_batch(pool: ThreadPoolExecutor, items: list[SourceItem], first: int, roots: list[Path], chunk: int = 64, *,
+               max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[ScannedImage]:
     """``scan_one`` over ``items`` (positions from ``first``), in order, ``chunk`` items per
     thread-pool task: a task per item costs more than the whole check of a missing file."""
     def run(start: int) -> list[ScannedImage]:
-        return [scan_one(first + start + i, item, roots) for i, item in enumerate(items[start : start + chunk])]
+        return [scan_one(first + start + i, item, roots, max_file_bytes=max_file_bytes, max_pixels=max_pixels)
+                for i, item in enumerate(items[start : start + chunk])]
 
     return [s for part in pool.map(run, range(0, len(items), chunk)) for s in part]
 
 
-def scan_one(position: int, item: SourceItem, roots: list[Path]) -> ScannedImage:
+def scan_one(position: int, item: SourceItem, roots: list[Path], *,
+             max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> ScannedImage:
+    """Check, decode and hash one item, in bounded memory: the file's size is checked
+    before any byte is read (``max_file_bytes``), its header before any pixel is decoded
+    (``max_pixels``); a file up to :data:`HASH_CHUNK` is read once, a larger one is decoded
+    from the file and hashed in :data:`HASH_CHUNK` reads, never held whole (JPEGs decode at
+    1/8 scale: enough to find a truncated or corrupt one)."""
     shown = os.fsdecode(item.path).encode("utf-8", "backslashreplace").decode("utf-8")
     base = ScannedImage(position=position, uri=shown, label=item.label)
     try:
@@ -223,32 +240,65 @@ def scan_one(position: int, item: SourceItem, roots: list[Path]) -> ScannedImage
     if not real.is_file():
         return _skip(base, "not a file")
     try:
-        data = real.read_bytes()
+        with real.open("rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size == 0:
+                return _skip(base, "empty file")
+            if size > max_file_bytes:
+                return _skip(base, TOO_LARGE, f"{size:,} > {max_file_bytes:,} bytes")
+            data = fh.read(size + 1) if size <= HASH_CHUNK else None  # nearly every image: one read (+1: to see it grew)
+            if data is not None:  # (the file may have changed since the fstat)
+                if not data:
+                    return _skip(base, "empty file")
+                if len(data) > size:  # it grew: stream it like a large one
+                    data = None
+                    fh.seek(0)
+            try:
+                with open_image(fh if data is None else data, max_pixels) as im:
+                    width, height = im.size
+                    im.draft(None, (max(width // 8, 1), max(height // 8, 1)))  # JPEG: decode at 1/8 scale; others ignore it
+                    im.load()
+            except TooManyPixels as exc:
+                return _skip(base, TOO_MANY_PIXELS, f"{exc.size[0]}x{exc.size[1]} = {exc.pixels:,} > {max_pixels:,}"
+                             if exc.size else f"{exc.pixels:,} > {max_pixels:,}")
+            except UnidentifiedImageError:
+                return _skip(base, "not an image")
+            except (OSError, ValueError, SyntaxError, EOFError):
+                return _skip(base, "corrupt image")
+            if data is not None:
+                hashed = hashlib.sha256(data).hexdigest(), len(data)
+            else:
+                fh.seek(0)
+                hashed = _sha256(fh, max_file_bytes)
     except OSError:
         return _skip(base, "unreadable")
-    if not data:
-        return _skip(base, "empty file")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.width * im.height > MAX_IMAGE_PIXELS:
-                return _skip(base, "too many pixels")
-            im.load()
-            width, height = im.size
-    except UnidentifiedImageError:
-        return _skip(base, "not an image")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return _skip(base, "corrupt image")
+    if hashed is None:  # it grew past the cap after the size check
+        return _skip(base, TOO_LARGE, f"more than {max_file_bytes:,} bytes")
+    digest, byte_size = hashed
     return ScannedImage(
         position=position,
         uri=str(real),
         label=item.label,
         width=width,
         height=height,
-        byte_size=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
+        byte_size=byte_size,
+        sha256=digest,
     )
 
 
-def _skip(base: ScannedImage, reason: str) -> ScannedImage:
+def _sha256(fh: Any, limit: int) -> tuple[str, int] | None:
+    """sha256 and length of the rest of ``fh``, read in :data:`HASH_CHUNK` pieces; None past ``limit`` bytes."""
+    digest, total = hashlib.sha256(), 0
+    buf = bytearray(HASH_CHUNK)
+    view = memoryview(buf)
+    while n := fh.readinto(buf):
+        total += n
+        if total > limit:
+            return None
+        digest.update(view[:n])
+    return digest.hexdigest(), total
+
+
+def _skip(base: ScannedImage, reason: str, detail: str | None = None) -> ScannedImage:
     label = base.label.encode("utf-8", "backslashreplace").decode("utf-8") if base.label else None
-    return ScannedImage(position=base.position, uri=base.uri, label=label, skipped=reason)
+    return ScannedImage(position=base.position, uri=base.uri, label=label, skipped=reason, detail=detail)

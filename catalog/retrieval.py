@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple
 
@@ -42,7 +43,7 @@ from sqlmodel import Session, select
 
 from catalog.access import LOCAL, Principal, visible_dataset_ids
 from catalog.context import CatalogContext
-from catalog.errors import ConflictError, InvalidInputError, NotFoundError
+from catalog.errors import ArtifactError, ConflictError, GoneError, InvalidInputError, NotFoundError
 from catalog.groups import group_cells
 from catalog.models import Assignment, Dataset, Expert, ExpertKind, Group, Query, Sample
 
@@ -436,10 +437,15 @@ def run_query(ctx: CatalogContext, request: QueryRequest, *, principal: Principa
         summary=summary,
         key_id=principal.key_id,
     )
-    save_picks(ctx, query.id, table, picks)
-    with ctx.engine.begin() as conn:
-        conn.execute(_INSERT_QUERY, {"id": query.id, "request": query.request, "index_versions": query.index_versions,
-                                     "summary": query.summary, "key_id": query.key_id, "created_at": query.created_at})
+    key = save_picks(ctx, query.id, table, picks)
+    try:
+        with ctx.engine.begin() as conn:
+            conn.execute(_INSERT_QUERY, {"id": query.id, "request": query.request, "index_versions": query.index_versions,
+                                         "summary": query.summary, "key_id": query.key_id, "created_at": query.created_at})
+    except BaseException:
+        with suppress(OSError):  # no row refers to the file: remove it now, not at the next gc
+            ctx.artifacts.delete(key)
+        raise
     return query
 
 
@@ -459,10 +465,22 @@ def _request_json(request: QueryRequest) -> dict[str, Any]:
 # (int64, G), then the picks' ranks (int32 when every group is smaller than 2**31, else
 # int64) and counts (the smallest of uint8, uint16, int32, int64 that holds them). The picks are sorted by group, so a
 # pick's group follows from the per-group numbers: readable in slices, no pickle.
+# The reader checks the header against the file's size before it allocates anything: a
+# missing or damaged file (truncated, overwritten, absurd counts) is a GoneError (410: the
+# query's stored selection is gone for good, as when its dataset is deleted) that says to
+# run the query again (same request and seed: the same picks), never a MemoryError or a 500.
 PICKS_FORMAT = 2
+RANK_DTYPES = ("<i4", "<i8")
+COUNT_DTYPES = ("<u1", "<u2", "<i4", "<i8")
 
 
-def save_picks(ctx: CatalogContext, query_id: str, table: GroupTable, picks: Picks) -> None:
+def picks_key(query_id: str) -> str:
+    """The artifact key of a query's picks file."""
+    return f"{PICKS_PREFIX}/{query_id}.picks"
+
+
+def save_picks(ctx: CatalogContext, query_id: str, table: GroupTable, picks: Picks) -> str:
+    """Write the picks file (temp file + rename); its artifact key."""
     G = len(table.size)
     rank_dtype = "<i4" if int(table.size.max(initial=0)) < 2**31 else "<i8"
     most = int(picks.count.max(initial=0))  # counts are mostly 1: store them in the smallest type that holds them
@@ -483,33 +501,93 @@ def save_picks(ctx: CatalogContext, query_id: str, table: GroupTable, picks: Pic
         with open(path, "wb", buffering=0) as fh:
             fh.write(b"".join(parts))
 
-    ctx.artifacts.write_with(f"{PICKS_PREFIX}/{query_id}.picks", write, durable=False)
+    key = picks_key(query_id)
+    ctx.artifacts.write_with(key, write, durable=False)
+    return key
+
+
+def _damaged(query_id: str, what: str) -> GoneError:
+    return GoneError(f"the stored selection of query {query_id} is damaged ({what}); run the query again",
+                         hint="the same request and seed select the same samples")
+
+
+def _is_count(value: Any) -> bool:  # noqa: ANN401 - a JSON value
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**62
 
 
 @contextmanager
-def open_picks(ctx: CatalogContext, query_id: str) -> Iterator[tuple[GroupTable, int, Callable[[int, int], PickSlice]]]:
-    """The group table, the number of picks, and a reader of picks[start:stop]."""
-    with ctx.artifacts.open_path(f"{PICKS_PREFIX}/{query_id}.picks").open("rb") as fh:
+def open_picks(
+    ctx: CatalogContext, query_id: str, *, datasets: set[int] | None = None,
+) -> Iterator[tuple[GroupTable, int, Callable[[int, int], PickSlice]]]:
+    """The group table, the number of picks, and a reader of picks[start:stop].
+
+    A missing or damaged file (``datasets``: the ids its groups may name) is a GoneError
+    that says to run the query again; nothing is allocated before the header's sizes match
+    the file's."""
+    try:
+        fh = ctx.artifacts.path(picks_key(query_id)).open("rb")
+    except FileNotFoundError:
+        raise GoneError(f"the stored selection of query {query_id} is missing; run the query again",
+                            hint="the same request and seed select the same samples") from None
+    except OSError as exc:
+        raise ArtifactError(f"cannot read the stored selection of query {query_id}: {exc.strerror or type(exc).__name__}",
+                            hint="the server log has the details") from exc
+    with fh:
+        file_size = os.fstat(fh.fileno()).st_size
+        if file_size < 8:
+            raise _damaged(query_id, "shorter than its header")
         (length,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(length))
-        if header.get("format") != PICKS_FORMAT:
-            raise ConflictError(f"query {query_id} was stored by an older version of the server", hint="run the query again")
-        G, total = int(header["groups"]), int(header["rows"])
-        arrays = [np.fromfile(fh, dtype=dtype, count=G) for dtype in ("<i8", "<i8", "<i8", "<f8", "<i8")]
-        dataset_id, cluster, size, mass, per_group = arrays
-        table = GroupTable(dataset_id, cluster, header["labels"], size, mass)
-        ends = np.cumsum(per_group)  # picks of group g are rows [ends[g] - per_group[g], ends[g])
+        if length > file_size - 8:
+            raise _damaged(query_id, "its header runs past the end of the file")
+        try:
+            header = json.loads(fh.read(length))
+        except ValueError:  # bad JSON or bad UTF-8
+            header = None
+        if not isinstance(header, dict):
+            raise _damaged(query_id, "unreadable header")
+        version = header.get("format")
+        if version != PICKS_FORMAT:
+            if _is_count(version) and 1 <= version < PICKS_FORMAT:
+                raise ConflictError(f"query {query_id} was stored by an older version of the server", hint="run the query again")
+            raise _damaged(query_id, f"unknown format {version!r}")
+        G, total, labels = header.get("groups"), header.get("rows"), header.get("labels")
+        if not (_is_count(G) and _is_count(total)):
+            raise _damaged(query_id, "bad counts in its header")
+        if header.get("rank_dtype") not in RANK_DTYPES or header.get("count_dtype") not in COUNT_DTYPES:
+            raise _damaged(query_id, "unknown array types in its header")
+        if not isinstance(labels, list) or len(labels) != G or not all(lab is None or isinstance(lab, str) for lab in labels):
+            raise _damaged(query_id, "bad labels in its header")
         rank_dtype, count_dtype = np.dtype(header["rank_dtype"]), np.dtype(header["count_dtype"])
         ranks_at = 8 + length + 5 * 8 * G
         counts_at = ranks_at + total * rank_dtype.itemsize
+        expected = counts_at + total * count_dtype.itemsize
+        if expected != file_size:  # bounds G and total by the file's real size before anything is allocated
+            raise _damaged(query_id, f"{file_size} bytes where its header implies {expected}")
+        arrays = [np.fromfile(fh, dtype=dtype, count=G) for dtype in ("<i8", "<i8", "<i8", "<f8", "<i8")]
+        if any(len(a) != G for a in arrays):
+            raise _damaged(query_id, "truncated group table")
+        dataset_id, cluster, size, mass, per_group = arrays
+        if (size < 0).any() or (per_group < 0).any() or (per_group > size).any() or int(per_group.sum()) != total:
+            raise _damaged(query_id, "inconsistent group sizes")
+        if not np.isfinite(mass).all() or (mass < 0).any():
+            raise _damaged(query_id, "bad group masses")
+        if datasets is not None and not set(np.unique(dataset_id).tolist()) <= datasets:
+            raise _damaged(query_id, "groups of datasets the query did not use")
+        table = GroupTable(dataset_id, cluster, labels, size, mass)
+        ends = np.cumsum(per_group)  # picks of group g are rows [ends[g] - per_group[g], ends[g])
 
         def read(start: int, stop: int) -> PickSlice:
+            start = max(0, start)
             stop = max(start, min(stop, total))
             fh.seek(ranks_at + start * rank_dtype.itemsize)
             rank = np.fromfile(fh, dtype=rank_dtype, count=stop - start).astype(np.int64)
             fh.seek(counts_at + start * count_dtype.itemsize)
             count = np.fromfile(fh, dtype=count_dtype, count=stop - start).astype(np.int64)
+            if len(rank) != stop - start or len(count) != stop - start:
+                raise _damaged(query_id, "truncated picks")
             group = np.searchsorted(ends, np.arange(start, stop), side="right").astype(np.int64)
+            if (rank < 0).any() or (rank >= size[group]).any() or (count < 0).any():
+                raise _damaged(query_id, "picks outside their groups")
             return PickSlice(group, rank, count)
 
         yield table, total, read
@@ -547,7 +625,9 @@ class ManifestRow(NamedTuple):
         return dict(zip(MANIFEST_COLUMNS, self))
 
 
-def iter_manifest(ctx: CatalogContext, query: Query, *, offset: int = 0, limit: int | None = None, chunk: int = 2000) -> Iterator[list[ManifestRow]]:
+def iter_manifest(
+    ctx: CatalogContext, query: Query, *, offset: int = 0, limit: int | None = None, chunk: int = 2000, principal: Principal = LOCAL,
+) -> Iterator[list[ManifestRow]]:
     """The query's picks as manifest rows, in a fixed order (group, then rank), chunk by chunk.
 
     Reads ``chunk`` picks at a time from the picks file and resolves them with a few indexed
@@ -557,7 +637,8 @@ def iter_manifest(ctx: CatalogContext, query: Query, *, offset: int = 0, limit: 
     stays bounded whatever the number of rows.
     """
     versions = {int(k): int(v) for k, v in query.index_versions.items()}
-    with open_picks(ctx, query.id) as (table, total, read), Session(ctx.engine) as session:
+    show = ctx.shown_uri(principal)  # client keys see uris relative to the data roots (catalog.uris)
+    with open_picks(ctx, query.id, datasets=set(versions)) as (table, total, read), Session(ctx.engine) as session:
         names = {d.id: d.name for d in session.exec(select(Dataset).where(Dataset.id.in_(list(versions)))).all()}
         _check_versions_exist(session, versions, names)
         weights = table.weight
@@ -597,7 +678,7 @@ def iter_manifest(ctx: CatalogContext, query: Query, *, offset: int = 0, limit: 
                 hit = found.get((g, rank))
                 if hit is not None:
                     name = names[int(table.dataset_id[g])]
-                    rows.append(ManifestRow(f"{name}/{hit[0]}", hit[1], hit[2], name, int(table.cluster[g]), float(weights[g]), count))
+                    rows.append(ManifestRow(f"{name}/{hit[0]}", show(hit[1]), hit[2], name, int(table.cluster[g]), float(weights[g]), count))
             yield rows
 
 
@@ -609,11 +690,11 @@ _ASSIGNED = select(Assignment.dataset_id, Assignment.cluster, Assignment.label, 
 def _check_versions_exist(session: Session, versions: dict[int, int], names: dict[int, str]) -> None:
     for did in versions:
         if did not in names:
-            raise ConflictError(f"dataset {did} of this query was deleted", hint="run the query again")
+            raise GoneError(f"dataset {did} of this query was deleted", hint="run the query again on the datasets there are now")
     pairs = list(versions.items())
     present = set(session.exec(
         select(Group.dataset_id, Group.index_version).where(tuple_(Group.dataset_id, Group.index_version).in_(pairs)).distinct()
     ).all())
     for did, version in pairs:
         if (did, version) not in present:
-            raise ConflictError(f"index version {version} of dataset {names[did]!r} is gone (re-indexed twice since)", hint="run the query again")
+            raise GoneError(f"index version {version} of dataset {names[did]!r} is gone (re-indexed twice since)", hint="run the query again")

@@ -11,7 +11,8 @@ from sqlmodel import Session, select
 from catalog.access import LOCAL, Principal, visible_clause
 from catalog.context import CatalogContext
 from catalog.errors import InvalidInputError
-from catalog.models import Dataset, Sample
+from catalog.models import Assignment, Dataset, Sample
+from catalog.vectors import collection_name
 
 
 def search(
@@ -43,7 +44,7 @@ def search(
             unknown = sorted(set(datasets) - set(names))
             if unknown:
                 raise InvalidInputError(f"unknown or unindexed dataset ids: {unknown}", field="datasets")
-    collection = "emb-" + backbone
+    collection = collection_name(backbone)
     if len({len(v) for v in vectors}) > 1:
         raise InvalidInputError("vectors must all have the same length", field="vectors")
     matrix = np.asarray(vectors, dtype=np.float64)
@@ -57,15 +58,27 @@ def search(
         for vector in matrix:
             results.append(ctx.vectors.search(collection, vector, k, dataset_ids=list(datasets) if datasets is not None else None))
     ids = sorted({h.id for hits in results for h in hits})
-    with Session(ctx.engine) as session:
-        uris = dict(session.exec(select(Sample.id, Sample.uri).where(Sample.id.in_(ids))).all()) if ids else {}
+    # the cluster of a hit is its assignment in its dataset's active index version: the
+    # catalog says which version is active, never the vector payload (an index run that
+    # failed or was abandoned may have written points, never an active assignment)
+    found: dict[int, tuple[str, int]] = {}
+    if ids:
+        with Session(ctx.engine) as session:
+            rows = session.exec(
+                select(Sample.id, Sample.uri, Assignment.cluster)
+                .join(Dataset, Dataset.id == Sample.dataset_id)
+                .join(Assignment, (Assignment.sample_id == Sample.id) & (Assignment.index_version == Dataset.index_version))
+                .where(Sample.id.in_(ids))
+            ).all()
+            show = ctx.shown_uri(principal)  # client keys see uris relative to the data roots
+            found = {sid: (show(uri), cluster) for sid, uri, cluster in rows}
     return {
         "backbone": backbone,
         "results": [
             [
                 {"sample_id": h.id, "score": h.score, "dataset_id": h.payload["dataset_id"], "dataset": names.get(h.payload["dataset_id"], ""),
-                 "label": h.payload.get("label"), "cluster": h.payload.get("cluster_id"), "uri": uris.get(h.id, "")}
-                for h in hits if h.id in uris
+                 "label": h.payload.get("label"), "cluster": found[h.id][1], "uri": found[h.id][0]}
+                for h in hits if h.id in found
             ]
             for hits in results
         ],

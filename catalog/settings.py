@@ -37,12 +37,37 @@ class Settings(BaseSettings):
         description="auto: API keys are required as soon as one exists (or NDS_ADMIN_KEY is set), the API is open until then; required: always.",
     )
     admin_key: SecretStr | None = Field(default=None, description="A bootstrap admin key (32+ characters) accepted besides the stored keys, e.g. for a deployment's first 'nds keys create'.")
+    public_uris: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        description="DATA_ROOT=BASE pairs (comma-separated): client keys see a uri under DATA_ROOT as BASE/<relative path>; without a pair, the relative path alone.",
+    )
+    backbone_include_restricted: bool = Field(
+        default=False,
+        description="Train the shared default backbone (downloadable by every key) on restricted datasets' images too.",
+    )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Host names (comma-separated) the API answers to besides loopback ones; '*' for any. Open mode serves only these and loopback hosts.",
+    )
     max_body_bytes: int = Field(default=16 * 2**20, ge=1024, description="Largest request body the API accepts (413 above).")
     max_budget: int = Field(default=10_000_000, description="Largest budget a query may ask for.")
     page_limit: int = Field(default=1000, description="Largest page a list endpoint returns.")
     scan_workers: int = Field(
         default_factory=lambda: min(8, os.cpu_count() or 1), ge=1, le=256,
         description="Threads that read and decode images while registering a source (default: the cores, at most 8).",
+    )
+    # 256 MiB holds any 8-bit RGB image within the default pixel cap even uncompressed
+    # (8192 x 8192 x 3 bytes = 192 MiB as BMP/PPM/TIFF); files are hashed in 1 MiB chunks, never held whole.
+    max_file_bytes: int = Field(
+        default=256 * 2**20, ge=1,
+        description="Largest file registration reads; larger ones are skipped ('larger than NDS_MAX_FILE_BYTES') before any byte is read.",
+    )
+    # 2^26 = 67,108,864 px (8192 x 8192): above every full-frame camera (61 Mpx, 9504 x 6336), below
+    # Pillow's own limit (89,478,485 px, where it warns); one RGB decode at the cap is 256 MiB (4 bytes a pixel).
+    # Equal to catalog.images.DEFAULT_MAX_IMAGE_PIXELS (the client's cap; this module does not import PIL).
+    max_image_pixels: int = Field(
+        default=1 << 26, ge=1,
+        description="Largest width x height registered or decoded; checked from the header before decoding, larger images are skipped ('too many pixels').",
     )
 
     @field_validator("data_roots", mode="before")
@@ -53,6 +78,28 @@ class Settings(BaseSettings):
 
             parts = [p for chunk in value.split(",") for p in chunk.split(os.pathsep)]
             return [Path(p.strip()) for p in parts if p.strip()]
+        return value
+
+    @field_validator("public_uris", mode="before")
+    @classmethod
+    def _split_public_uris(cls, value: object) -> object:
+        if isinstance(value, str):
+            pairs = {}
+            for chunk in value.split(","):
+                if not chunk.strip():
+                    continue
+                root, sep, base = chunk.partition("=")
+                if not sep or not root.strip() or not base.strip():
+                    raise ValueError(f"NDS_PUBLIC_URIS entries are DATA_ROOT=BASE, got {chunk.strip()!r}")
+                pairs[root.strip()] = base.strip()
+            return pairs
+        return value
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [h.strip().lower() for h in value.split(",") if h.strip()]
         return value
 
     @field_validator("admin_key")
@@ -94,6 +141,10 @@ class Settings(BaseSettings):
     @property
     def resolved_data_roots(self) -> list[Path]:
         return [p.expanduser().resolve() for p in self.data_roots]
+
+    @property
+    def resolved_public_uris(self) -> dict[Path, str]:
+        return {Path(root).expanduser().resolve(): base for root, base in self.public_uris.items()}
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -113,5 +113,5 @@ def add_files_and_vectors(ctx: CatalogContext, *, dim: int = 8, seed: int = 0) -
         samples = session.exec(select(Sample.id, Sample.dataset_id, Sample.label).order_by(Sample.id)).all()
     ctx.vectors.ensure_collection("emb-synthetic", dim)
     vectors = np.random.default_rng(seed).normal(size=(len(samples), dim)) + 0.1
-    ctx.vectors.upsert("emb-synthetic", [s[0] for s in samples], vectors, [{"dataset_id": s[1], "label": s[2], "cluster_id": 0} for s in samples])
+    ctx.vectors.upsert("emb-synthetic", [s[0] for s in samples], vectors, [{"dataset_id": s[1], "label": s[2]} for s in samples])
     return len(samples)

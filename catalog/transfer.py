@@ -31,6 +31,7 @@ from catalog.artifacts import TEMP_PREFIX
 from catalog.context import CatalogContext
 from catalog.errors import ConflictError
 from catalog.models import Assignment, Dataset, Sample
+from catalog.vectors import collection_name
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
 ROW_CHUNK = 5000
@@ -90,7 +91,7 @@ def copy_vectors(source: CatalogContext, target: CatalogContext, report: Transfe
             select(Dataset.id, Dataset.index_version, Dataset.backbone).where(Dataset.index_version > 0, Dataset.backbone.is_not(None))
         ).all()
         for dataset_id, version, backbone in datasets:
-            collection = f"emb-{backbone}"
+            collection = collection_name(backbone)
             rows = conn.execute(
                 select(Assignment.sample_id, Assignment.cluster, Sample.label)
                 .join(Sample, Sample.id == Assignment.sample_id)
@@ -103,7 +104,7 @@ def copy_vectors(source: CatalogContext, target: CatalogContext, report: Transfe
                     ids = [r[0] for r in chunk]
                     vectors = source.vectors.fetch_vectors(collection, ids)
                     target.vectors.ensure_collection(collection, vectors.shape[1])
-                    target.vectors.upsert(collection, ids, vectors, [{"dataset_id": dataset_id, "label": r[2], "cluster_id": r[1]} for r in chunk])
+                    target.vectors.upsert(collection, ids, vectors, [{"dataset_id": dataset_id, "label": r[2]} for r in chunk])
                     report.points[collection] = report.points.get(collection, 0) + len(ids)
                     if progress:
                         progress(f"vectors: dataset {dataset_id}", start + len(chunk), len(rows))

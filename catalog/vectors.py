@@ -58,6 +58,11 @@ DISTANCE = "Cosine"
 PAYLOAD_INDEXES: tuple[tuple[str, str], ...] = (("dataset_id", "integer"), ("label", "keyword"), ("cluster_id", "integer"))
 DEFAULT_BATCH_SIZE = 2048
 BUSY_HINT = "stop the other nds process or use server mode with NDS_QDRANT_URL"
+def collection_name(backbone_version: str) -> str:
+    """The collection of an embedding space (one per backbone version)."""
+    return "emb-" + re.sub(r"[^A-Za-z0-9_.-]", "-", backbone_version)[:120]
+
+
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _MAX_POINT_ID = 2**64 - 1
 
@@ -110,8 +115,9 @@ class VectorStore(ABC):
         """(n, dim) float32 (unit length) in the order of ``ids``; a missing id is a NotFoundError."""
 
     @abstractmethod
-    def delete_dataset(self, dataset_id: int) -> int:
-        """Delete that dataset's points from every collection; returns how many were deleted."""
+    def delete_dataset(self, dataset_id: int, *, keep: str | None = None) -> int:
+        """Delete that dataset's points from every collection (but ``keep``, when named);
+        returns how many were deleted."""
 
     @abstractmethod
     def close(self) -> None: ...
@@ -606,10 +612,12 @@ class EdgeVectorStore(VectorStore):
                     out[row] = found[pid]
                 return out
 
-    def delete_dataset(self, dataset_id: int) -> int:
+    def delete_dataset(self, dataset_id: int, *, keep: str | None = None) -> int:
         wanted = _check_int(dataset_id, "dataset_id")
         deleted = 0
         for name in self.list_collections():
+            if name == keep:
+                continue
             with self._errors(f"delete dataset {wanted} from vector collection {name!r}"):
                 try:
                     with self._shard(name, write=True) as (shard, _dim):
@@ -853,10 +861,12 @@ class QdrantServerStore(VectorStore):
                 out[row] = found[pid]
             return out
 
-    def delete_dataset(self, dataset_id: int) -> int:
+    def delete_dataset(self, dataset_id: int, *, keep: str | None = None) -> int:
         wanted = _check_int(dataset_id, "dataset_id")
         deleted = 0
         for name in self.list_collections():
+            if name == keep:
+                continue
             with self._errors(f"delete dataset {wanted} from vector collection {name!r}"):
                 from qdrant_client import models
 

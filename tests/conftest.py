@@ -17,6 +17,10 @@ from catalog.settings import Settings, load_settings
 
 pytest_plugins = ["tests.services"]
 
+#: TestClients address the app as a browser on this machine would: the open API answers
+#: only requests addressed to a loopback host (api/hosts.py), not TestClient's "testserver"
+LOOPBACK = "http://127.0.0.1"
+
 
 def write_images(root: Path, *, labels=("a", "b"), n: int = 10, kind: str = "stripes", size: int = 32, seed: int = 0) -> Path:
     """ROOT/<label>/<i>.png with small synthetic images; returns ROOT."""
@@ -72,7 +76,7 @@ def api(settings: Settings):
     from api.app import create_app
 
     upgrade(settings)
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), base_url=LOOPBACK) as client:
         yield client
 
 

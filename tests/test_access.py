@@ -15,6 +15,7 @@ from api.local_server import LocalServer
 from catalog import access
 from catalog.db import session_scope
 from catalog.synthetic import add_files_and_vectors, add_indexed_dataset
+from tests.conftest import LOOPBACK
 
 DIM = 8
 
@@ -37,7 +38,7 @@ def world(settings, ctx):
             keys[name] = access.create_key(session=session, name=name, role=role)[1]
         access.set_access(session=session, dataset_id=datasets["secret"].dataset_id, restricted=True, keys=["alice"])
     ctx.close()  # the app opens its own context (the embedded vector store is one process at a time)
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), base_url=LOOPBACK) as client:
         yield client, datasets, keys
 
 

@@ -20,7 +20,7 @@ from catalog.models import Assignment, Cluster, Dataset, DatasetStatus, Expert, 
 from catalog.onnx_runtime import create_session, read_metadata, run
 from catalog.registration import RegistrationRequest, start_registration
 from catalog.settings import load_settings
-from tests.conftest import wait_job, write_images
+from tests.conftest import wait_job, write_images, LOOPBACK
 
 SMALL = dict(image_size=32, epochs=1, width=8, min_steps=10)
 
@@ -76,13 +76,17 @@ def test_pipeline_result_and_rows(indexed):
         for a in assignments:
             groups.setdefault((a.cluster, a.label), []).append(a.rank)
         assert all(sorted(r) == list(range(len(r))) for r in groups.values())
-    # vectors: one point per sample, payload carries the cluster ids
+    # vectors: one point per sample; search hits carry the cluster of the active version's
+    # assignment (the catalog's, not the vector payload's: tests/test_hardening.py)
     collection = "emb-" + ds.backbone
     assert ctx.vectors.count(collection, dataset_id=ids["stripes"]) == 24
     first = assignments[0]
-    hits = ctx.vectors.search(collection, ctx.vectors.fetch_vectors(collection, [first.sample_id])[0], 24)
-    exact = {h.id: h for h in hits if h.score > 0.999}  # the synthetic images repeat, so ties are expected
-    assert first.sample_id in exact and exact[first.sample_id].payload["cluster_id"] == first.cluster
+    from catalog.search import search
+
+    vector = ctx.vectors.fetch_vectors(collection, [first.sample_id])[0]
+    hits = search(ctx, vectors=[vector.tolist()], k=24)["results"][0]
+    exact = {h["sample_id"]: h for h in hits if h["score"] > 0.999}  # the synthetic images repeat, so ties are expected
+    assert first.sample_id in exact and exact[first.sample_id]["cluster"] == first.cluster
 
 
 def test_exported_experts_run_in_onnxruntime_with_metadata(indexed):
@@ -202,7 +206,7 @@ def test_rest_index_experts_and_download(indexed):
     from api.app import create_app
 
     ctx, ids, _, settings = indexed
-    with TestClient(create_app(settings)) as api:
+    with TestClient(create_app(settings), base_url=LOOPBACK) as api:
         resp = api.post(f"/v1/datasets/{ids['stripes']}/index", json={"clusters": 2, **SMALL})
         assert resp.status_code == 202, resp.text
         job = wait_job(api, resp.json()["id"], timeout=60)
@@ -262,7 +266,7 @@ def test_search_by_example(indexed):
         ds = session.get(Dataset, ids["noise"])
         sample_id = session.exec(select(Assignment.sample_id).where(Assignment.dataset_id == ds.id)).first()
     vector = ctx.vectors.fetch_vectors("emb-" + ds.backbone, [sample_id])[0].tolist()
-    with TestClient(create_app(settings)) as api:
+    with TestClient(create_app(settings), base_url=LOOPBACK) as api:
         resp = api.post("/v1/search", json={"vectors": [vector], "k": 5})
         assert resp.status_code == 200, resp.text
         hits = resp.json()["results"][0]

@@ -24,6 +24,7 @@ from catalog.retrieval import (
     softmax,
 )
 from catalog.synthetic import add_indexed_dataset
+from tests.conftest import LOOPBACK
 
 
 @pytest.fixture
@@ -240,7 +241,7 @@ def test_rest_queries_and_manifest_formats(settings, catalog):
     from api.app import create_app
 
     ctx, a, b = catalog
-    with TestClient(create_app(settings)) as api:
+    with TestClient(create_app(settings), base_url=LOOPBACK) as api:
         body = {"expert_scores": {str(a.expert_ids[0]): 0.6, str(b.expert_ids[0]): 0.5}, "budget": 300, "seed": 4}
         created = api.post("/v1/queries", json=body)
         assert created.status_code == 201, created.text

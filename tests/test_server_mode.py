@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.local_server import LocalServer
-from tests.conftest import wait_job, write_images
+from tests.conftest import wait_job, write_images, LOOPBACK
 from tests.server_mode import server_env, server_home, server_settings, worker  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.server
@@ -22,7 +22,7 @@ def test_api_registration_runs_on_the_celery_worker(server_settings, worker):
     from api.app import create_app
 
     folder = write_images(server_settings.data_roots[0] / "src", n=6)
-    with TestClient(create_app(server_settings)) as api:
+    with TestClient(create_app(server_settings), base_url=LOOPBACK) as api:
         assert api.get("/healthz").json()["mode"] == "server"
         resp = api.post("/v1/datasets", json={"name": "pg-src", "path": str(folder)})
         assert resp.status_code == 201, resp.text
@@ -50,7 +50,7 @@ def test_cli_in_server_mode_queues_on_the_worker(server_settings, worker):
 def test_bad_input_in_server_mode(server_settings, worker):
     from api.app import create_app
 
-    with TestClient(create_app(server_settings)) as api:
+    with TestClient(create_app(server_settings), base_url=LOOPBACK) as api:
         resp = api.post("/v1/datasets", json={"name": "x", "path": "/etc"})
         assert resp.status_code == 422 and resp.json()["field"] == "path"
         junk = server_settings.data_roots[0] / "junk" / "a"
@@ -72,7 +72,7 @@ def test_index_on_the_worker_survives_a_killed_worker(server_settings, worker):
     from catalog.models import Expert
 
     folder = write_images(server_settings.data_roots[0] / "killme", n=40, size=32)
-    with TestClient(create_app(server_settings)) as api:
+    with TestClient(create_app(server_settings), base_url=LOOPBACK) as api:
         created = api.post("/v1/datasets", json={"name": "killme", "path": str(folder)})
         assert wait_job(api, created.json()["job_id"])["status"] == "succeeded"
         did = created.json()["id"]
@@ -117,7 +117,7 @@ def test_redis_down_new_jobs_503_reads_served_then_recovers(services, server_set
     from api.app import create_app
 
     folder = write_images(server_settings.data_roots[0] / "redis-src", n=3)
-    with TestClient(create_app(server_settings)) as api:
+    with TestClient(create_app(server_settings), base_url=LOOPBACK) as api:
         before = api.get("/v1/datasets").json()["count"]
         services.stop_redis()
         try:

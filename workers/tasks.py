@@ -11,7 +11,6 @@ timeout). Jobs are idempotent, so a second delivery of the same job is harmless.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
@@ -19,7 +18,7 @@ from sqlalchemy.exc import OperationalError
 
 from catalog.context import CatalogContext
 from catalog.errors import ServiceUnavailableError
-from catalog.jobs import JOB_QUEUES, RUN_JOB_TASK, get_job, orphaned_jobs, run_job
+from catalog.jobs import JOB_QUEUES, RUN_JOB_TASK, get_job, orphaned_jobs, process_alive, run_job, this_process
 from catalog.db import session_scope
 from catalog.settings import load_settings
 from workers.celery_app import app
@@ -55,28 +54,12 @@ def _close(**_: object) -> None:
     _ProcessContext.close()
 
 
-def _pid_alive(pid: int) -> bool:
-    """Whether a process runs; a zombie (killed, not yet reaped) counts as dead."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
-            state = fh.read().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state not in ("Z", "X")
-
-
 @worker_ready.connect
 def _requeue_orphans(**_: object) -> None:
     """Re-queue jobs left running by a dead worker process of this host."""
     ctx = CatalogContext.open(load_settings())
     try:
-        for job_id in orphaned_jobs(ctx, host=socket.gethostname(), alive=_pid_alive):
+        for job_id in orphaned_jobs(ctx, host=socket.gethostname(), alive=process_alive):
             with session_scope(ctx.engine) as session:
                 kind = get_job(session, job_id).kind
             log.warning("re-queuing job %s (%s): the worker running it died", job_id, kind)
@@ -97,5 +80,5 @@ def _requeue_orphans(**_: object) -> None:
 )
 def run_job_task(job_id: str) -> str:
     """Run one catalog job by id; its outcome is recorded on the job row."""
-    job = run_job(_ProcessContext.get(), job_id, worker=f"{socket.gethostname()}:{os.getpid()}")
+    job = run_job(_ProcessContext.get(), job_id, worker=this_process())
     return job.status.value

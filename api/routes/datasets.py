@@ -47,20 +47,27 @@ def register_dataset(body: DatasetRegister, ctx: CtxDep, dispatcher: DispatcherD
 
 
 @router.get("", response_model=DatasetsPublic)
-def list_datasets(session: SessionDep, principal: PrincipalDep, offset: OffsetDep = 0, limit: LimitDep = 100) -> DatasetsPublic:
+def list_datasets(session: SessionDep, ctx: CtxDep, principal: PrincipalDep, offset: OffsetDep = 0, limit: LimitDep = 100) -> DatasetsPublic:
     rows, count = repo.list_datasets(session=session, offset=offset, limit=limit, principal=principal)
-    return DatasetsPublic(data=[DatasetPublic.model_validate(d) for d in rows], count=count)
+    show = ctx.shown_uri(principal)
+    return DatasetsPublic(data=[_shown(DatasetPublic.model_validate(d), show) for d in rows], count=count)
 
 
 @router.get("/{dataset_id}", response_model=DatasetPublic)
-def get_dataset(dataset_id: IdPath, session: SessionDep, principal: PrincipalDep) -> DatasetPublic:
-    return DatasetPublic.model_validate(repo.get_dataset(session=session, dataset_id=dataset_id, principal=principal))
+def get_dataset(dataset_id: IdPath, session: SessionDep, ctx: CtxDep, principal: PrincipalDep) -> DatasetPublic:
+    return _shown(DatasetPublic.model_validate(repo.get_dataset(session=session, dataset_id=dataset_id, principal=principal)), ctx.shown_uri(principal))
 
 
 @router.get("/{dataset_id}/samples", response_model=SamplesPublic)
-def list_samples(dataset_id: IdPath, session: SessionDep, principal: PrincipalDep, offset: OffsetDep = 0, limit: LimitDep = 100) -> SamplesPublic:
+def list_samples(dataset_id: IdPath, session: SessionDep, ctx: CtxDep, principal: PrincipalDep, offset: OffsetDep = 0, limit: LimitDep = 100) -> SamplesPublic:
     rows, count = repo.list_samples(session=session, dataset_id=dataset_id, offset=offset, limit=limit, principal=principal)
-    return SamplesPublic(data=[SamplePublic.model_validate(s) for s in rows], count=count)
+    show = ctx.shown_uri(principal)
+    return SamplesPublic(data=[_shown(SamplePublic.model_validate(s), show) for s in rows], count=count)
+
+
+def _shown(row, show: Callable[[str], str]):  # noqa: ANN001, ANN202 - a public model with a uri
+    row.uri = show(row.uri)
+    return row
 
 
 @router.post("/{dataset_id}/index", status_code=status.HTTP_202_ACCEPTED, response_model=JobPublic)

@@ -32,7 +32,7 @@ def show_query(query_id: str, session: SessionDep, principal: PrincipalDep) -> Q
 def query_samples(query_id: str, session: SessionDep, ctx: CtxDep, principal: PrincipalDep, offset: OffsetDep = 0, limit: LimitDep = 100) -> dict:
     """A page of the selected samples (the manifest's rows)."""
     query = get_query(session=session, query_id=query_id, principal=principal)
-    rows = [r.as_dict() for chunk in iter_manifest(ctx, query, offset=offset, limit=limit) for r in chunk]
+    rows = [r.as_dict() for chunk in iter_manifest(ctx, query, offset=offset, limit=limit, principal=principal) for r in chunk]
     return {"data": rows, "count": query.summary["unique_samples"]}
 
 
@@ -54,7 +54,7 @@ def query_manifest(
     except PluginError as exc:
         raise InvalidInputError(exc.message, field="format", hint=exc.hint) from exc
     query = get_query(session=session, query_id=query_id, principal=principal)
-    chunks = iter_manifest(ctx, query)
+    chunks = iter_manifest(ctx, query, principal=principal)
     first = next(chunks, [])  # fail before the response starts if the index version is gone
 
     def rows():

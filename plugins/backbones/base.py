@@ -11,7 +11,6 @@ A backbone plugin is a callable ``load(arg, env) -> Backbone`` registered under 
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from catalog.artifacts import ArtifactStore
+from catalog.vectors import collection_name
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,7 +59,7 @@ class Backbone(ABC):
     @property
     def collection(self) -> str:
         """The vector collection of this embedding space."""
-        return "emb-" + re.sub(r"[^A-Za-z0-9_.-]", "-", self.version)[:120]
+        return collection_name(self.version)
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:

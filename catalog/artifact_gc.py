@@ -1,0 +1,238 @@
+"""Garbage collection of the artifact store: remove the files no catalog row refers to.
+
+What counts as **referenced** (kept whatever its age):
+
+* ``experts.artifact`` of every expert row, of every index version still stored;
+* ``backbones/published/<version>.onnx`` and ``.json`` of every backbone version a dataset
+  row names (``datasets.backbone``);
+* ``queries/<id>.picks`` of every stored query;
+* backbone pointer files (``backbones/<name>.json`` directly under ``backbones/``, e.g. the
+  default backbone's ``default.json``) and the artifact each one names: the embedding network
+  the next index job loads;
+* lock files (``*.lock``): unlinking a held lock would let a second process take it.
+
+Files outside ``experts/``, ``backbones/`` and ``queries/`` are left alone (nothing in the
+catalog writes them), except writers' temp files. Everything else is **unreferenced** and
+removed once it is older than the grace period (default 1 hour): a writer that has written
+its file but not yet committed the row naming it (a query between its picks file and its
+row, an index job between its first expert and its commit) is never hit. Temp files
+(``.tmp-*`` of the store, ``.<name>.*.tmp`` of the ONNX exporter) follow the same rule: a
+live writer's is young and kept, a dead writer's is old and removed.
+
+Two rules cover writers that reuse an *old* file (content-addressed keys: an index job that
+finds a file of the same inputs keeps it instead of training again): the folder
+``experts/<id>/`` of a dataset that is registering or indexing is never touched, nor is
+``backbones/published/`` while any dataset is. The rows are read before the store is walked
+and again before anything is removed; a file referenced or protected in either reading is
+kept, and each file is stat-ed again just before it is unlinked (a file replaced or
+rewritten since is kept).
+
+``release`` names keys whose rows the caller has just deleted (a dataset's experts, after
+``nds datasets rm``): they go at once, without waiting for the grace period, if nothing
+else refers to them and no rule protects them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat as stat_mod
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+from sqlalchemy import select
+
+from catalog.artifacts import is_temp_name
+from catalog.context import CatalogContext
+from catalog.models import Dataset, DatasetStatus, Expert, Query
+from catalog.retrieval import PICKS_PREFIX, picks_key
+from catalog.spaces import PUBLISHED
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GRACE_SECONDS = 3600.0
+MANAGED = ("experts", "backbones", PICKS_PREFIX)  # the top-level folders the catalog writes
+BUSY = (DatasetStatus.registering, DatasetStatus.indexing)
+LISTED_KEYS = 1000  # at most this many removed keys are listed in the report
+
+
+@dataclass
+class GcReport:
+    dry_run: bool
+    grace_seconds: float
+    removed: int = 0            # unreferenced files removed (would be, with dry_run)
+    removed_bytes: int = 0
+    temp_removed: int = 0       # of which temp files of dead writers
+    kept: int = 0               # referenced (or protected by a running job)
+    kept_bytes: int = 0
+    young: int = 0              # unreferenced, but inside the grace period: a writer may still commit its row
+    young_bytes: int = 0
+    removed_keys: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Roots:
+    keys: set[str]
+    busy_datasets: set[int]
+    known_datasets: set[int]
+
+    @property
+    def any_busy(self) -> bool:
+        return bool(self.busy_datasets)
+
+
+def _roots(ctx: CatalogContext) -> _Roots:
+    keys: set[str] = set()
+    with ctx.engine.connect() as conn:
+        keys.update(conn.execute(select(Expert.artifact).distinct()).scalars())
+        datasets = conn.execute(select(Dataset.id, Dataset.status, Dataset.backbone)).all()
+        keys.update(picks_key(qid) for qid in conn.execute(select(Query.id)).scalars())
+    busy: set[int] = set()
+    for did, status, backbone in datasets:
+        if DatasetStatus(status) in BUSY:
+            busy.add(did)
+        if backbone:
+            keys.update((f"{PUBLISHED}/{backbone}.onnx", f"{PUBLISHED}/{backbone}.json"))
+    keys.update(_pointer_targets(ctx))
+    return _Roots(keys, busy, {d[0] for d in datasets})
+
+
+def _pointer_targets(ctx: CatalogContext) -> set[str]:
+    """Backbone pointer files (``backbones/*.json``) and the artifacts they name."""
+    import json
+
+    folder = ctx.artifacts.root / "backbones"
+    found: set[str] = set()
+    if not folder.is_dir():
+        return found
+    for entry in folder.iterdir():
+        if entry.suffix != ".json" or not entry.is_file() or is_temp_name(entry.name):
+            continue
+        found.add(f"backbones/{entry.name}")
+        try:
+            target = json.loads(entry.read_text()).get("artifact")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(target, str):
+            found.add(target)
+    return found
+
+
+def _protected(key: str, roots: _Roots) -> bool:
+    """Whether a running job may be about to refer to ``key`` (see the module docstring)."""
+    parts = PurePosixPath(key).parts
+    if parts[0] == "experts" and len(parts) > 2 and parts[1].isdigit() and int(parts[1]) in roots.busy_datasets:
+        return True
+    return key.startswith(f"{PUBLISHED}/") and roots.any_busy
+
+
+def _walk(root: os.PathLike[str] | str) -> Iterable[tuple[str, os.stat_result]]:
+    """(key, lstat) of every regular file under ``root`` (symlinks are not followed nor listed)."""
+    base = os.fspath(root)
+    for folder, _dirs, files in os.walk(base):
+        for name in files:
+            path = os.path.join(folder, name)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if stat_mod.S_ISREG(st.st_mode):
+                yield PurePosixPath(os.path.relpath(path, base)).as_posix(), st
+
+
+def gc(
+    ctx: CatalogContext, *, dry_run: bool = False, grace_seconds: float = DEFAULT_GRACE_SECONDS,
+    release: Iterable[str] = (), now: float | None = None,
+) -> GcReport:
+    """Remove (``dry_run``: only count) the store's files that no row refers to and that are
+    older than ``grace_seconds``, or named in ``release``; see the module docstring."""
+    grace_seconds = max(0.0, float(grace_seconds))
+    report = GcReport(dry_run=dry_run, grace_seconds=grace_seconds)
+    root = ctx.artifacts.root
+    if not root.is_dir():
+        return report
+    released = set(release)
+    before = _roots(ctx)
+    candidates: list[tuple[str, os.stat_result, bool]] = []  # (key, stat, is temp)
+    for key, st in _walk(root):
+        name = key.rsplit("/", 1)[-1]
+        temp = is_temp_name(name)
+        if name.endswith(".lock") or (not temp and ("/" not in key or key.split("/", 1)[0] not in MANAGED)):
+            continue  # locks, and files the catalog did not write: never ours to remove
+        if not temp and (key in before.keys or _protected(key, before)):
+            report.kept += 1
+            report.kept_bytes += st.st_size
+            continue
+        candidates.append((key, st, temp))
+    after = _roots(ctx)  # rows committed while the store was walked count too
+    clock = time.time() if now is None else now
+    for key, st, temp in candidates:
+        if not temp and (key in after.keys or _protected(key, after)):
+            report.kept += 1
+            report.kept_bytes += st.st_size
+            continue
+        old = clock - st.st_mtime >= grace_seconds
+        if not old and not (key in released and not temp):
+            report.young += 1
+            report.young_bytes += st.st_size
+            continue
+        if not dry_run and not _unlink_if_unchanged(ctx, key, st, None if key in released else grace_seconds, clock):
+            report.young += 1
+            report.young_bytes += st.st_size
+            continue
+        report.removed += 1
+        report.removed_bytes += st.st_size
+        report.temp_removed += int(temp)
+        if len(report.removed_keys) < LISTED_KEYS:
+            report.removed_keys.append(key)
+    if not dry_run:
+        _remove_empty_expert_folders(ctx, after)
+    return report
+
+
+def _unlink_if_unchanged(ctx: CatalogContext, key: str, seen: os.stat_result, grace: float | None, clock: float) -> bool:
+    """Unlink ``key`` if it is still the file that was seen (same inode, not written since)."""
+    path = ctx.artifacts.root / key
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if st.st_ino != seen.st_ino or st.st_mtime != seen.st_mtime or (grace is not None and clock - st.st_mtime < grace):
+        return False
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _remove_empty_expert_folders(ctx: CatalogContext, roots: _Roots) -> None:
+    """``experts/<id>/`` folders left empty by datasets that no longer exist (ids are never
+    reused, so no writer can be about to put a file there)."""
+    folder = ctx.artifacts.root / "experts"
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        if entry.is_dir() and not entry.is_symlink() and entry.name.isdigit() and int(entry.name) not in roots.known_datasets:
+            try:
+                entry.rmdir()
+            except OSError:
+                pass  # not empty (or already gone)
+
+
+def collect_after_delete(ctx: CatalogContext, released: Iterable[str]) -> GcReport | None:
+    """The gc that follows a dataset's deletion: ``released`` (its experts' files) at once,
+    the rest after the grace period. A failure is logged, never raised: the delete is done."""
+    try:
+        report = gc(ctx, release=released)
+    except Exception:  # noqa: BLE001 - the next 'nds artifacts gc' collects what this one could not
+        log.exception("artifact gc after a dataset delete failed")
+        return None
+    if report.removed:
+        log.info("artifact gc: removed %d files (%d bytes)", report.removed, report.removed_bytes)
+    return report
