@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +41,22 @@ def write_images(root: Path, *, labels=("a", "b"), n: int = 10, kind: str = "str
                 x = (rng.random((size, size, 3)) * (255 if li % 2 == 0 else 128)).astype(np.uint8)
             Image.fromarray(x).save(folder / f"{i}.png")
     return root
+
+
+@contextmanager
+def small_tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (mount's -o size=) at ``mount``: a real small disk to fill up.
+    Skips the test where it cannot be mounted (not root, or mounts refused)."""
+    mount.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs to fill up needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def wait_job(api, job_id: str, timeout: float = 60.0) -> dict:  # noqa: ANN001 - a TestClient or an httpx.Client with a base_url

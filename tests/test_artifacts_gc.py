@@ -8,7 +8,6 @@ import json
 import os
 import re
 import struct
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -27,9 +26,9 @@ from catalog.models import Dataset, DatasetStatus, Expert, Query
 from catalog.retrieval import QueryRequest, iter_manifest, picks_key, run_query
 from catalog.settings import load_settings
 from catalog.synthetic import add_indexed_dataset
+from tests.conftest import LOOPBACK, small_tmpfs
 
 OLD = 2 * DEFAULT_GRACE_SECONDS  # an age well past the default grace period
-LOOPBACK = "http://127.0.0.1"  # the open API answers only requests addressed to a loopback host
 
 
 def age(path: Path, seconds: float) -> None:
@@ -236,14 +235,7 @@ ABSOLUTE_PATH = re.compile(r"(?<![\w.])/(?:[\w.-]+/)+[\w.-]*")
 @pytest.fixture
 def full_disk(tmp_path):
     """A 1 MiB tmpfs, filled up: the artifact store's disk with no space left."""
-    mount = tmp_path / "full-disk"
-    mount.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs to fill up needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "full-disk", "1m") as mount:
         (mount / "queries").mkdir()
         with open(mount / "filler", "wb") as fh:
             try:
@@ -253,8 +245,6 @@ def full_disk(tmp_path):
             except OSError:
                 pass
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_full_disk_answers_503_with_retry_after_and_no_path(tmp_path, data_root, full_disk):

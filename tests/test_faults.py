@@ -19,7 +19,7 @@ from PIL import Image
 from sqlalchemy import create_engine, text
 
 from api.local_server import LocalServer
-from tests.conftest import wait_job, write_images
+from tests.conftest import small_tmpfs, wait_job, write_images
 
 NDS = os.path.join(os.path.dirname(sys.executable), "nds")
 
@@ -83,17 +83,8 @@ def test_api_killed_during_registration_leaves_the_dataset_complete_or_absent(cl
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 600 KiB tmpfs (room for the default backbone, not for one more network)."""
-    mount = tmp_path / "tiny-disk"
-    mount.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs to fill up needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "tiny-disk", "600k") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_disk_full_while_writing_artifacts_fails_the_job_and_leaves_no_partial_file(cli_env, data_root, tiny_disk):
