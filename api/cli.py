@@ -196,6 +196,7 @@ def datasets_add(
 
 def run_with_progress(ctx: Any, job: Any, label: str, *, quiet: bool = False) -> Any:
     """Run a job (inline in the embedded default, on a worker in server mode) with a progress bar."""
+    import catalog.job_kinds  # noqa: F401 - every job kind registered, for the inline runner
     from catalog.db import session_scope
     from catalog.jobs import InlineDispatcher, get_job
 
@@ -207,13 +208,7 @@ def run_with_progress(ctx: Any, job: Any, label: str, *, quiet: bool = False) ->
         task = progress.add_task(safe(label), total=1.0, step="")
         listener = lambda step, frac: progress.update(task, completed=frac, step=safe(step or ""))  # noqa: E731
         if ctx.settings.broker_url:
-            from api.dispatch import CeleryDispatcher
-
-            dispatcher = CeleryDispatcher(ctx.settings.broker_url)
-            try:
-                dispatcher.submit(job)
-            finally:
-                dispatcher.close()
+            queue_on_workers(ctx, job)
             while True:
                 with session_scope(ctx.engine) as session:
                     current = get_job(session, job.id)
@@ -228,6 +223,19 @@ def run_with_progress(ctx: Any, job: Any, label: str, *, quiet: bool = False) ->
         if finished.status.value == "succeeded":
             listener("done", 1.0)
     return finished
+
+
+def queue_on_workers(ctx: Any, job: Any) -> None:
+    """Server mode: send the job to the workers; when it cannot be queued (broker down) the
+    job fails, what starting it did is undone, and the error is raised."""
+    from api.dispatch import CeleryDispatcher
+    from catalog.jobs import submit_or_undo
+
+    dispatcher = CeleryDispatcher(ctx.settings.broker_url)
+    try:
+        submit_or_undo(ctx, dispatcher, job)
+    finally:
+        dispatcher.close()
 
 
 def _dataset_json(dataset: Any) -> dict:
@@ -430,13 +438,7 @@ def index(
             dataset_id = find_dataset(session=session, ref=name).id
         job = start_indexing(ctx, dataset_id, request)
         if ctx.settings.broker_url and not wait:
-            from api.dispatch import CeleryDispatcher
-
-            dispatcher = CeleryDispatcher(ctx.settings.broker_url)
-            try:
-                dispatcher.submit(job)
-            finally:
-                dispatcher.close()
+            queue_on_workers(ctx, job)
             out.print(f"queued index job {job.id}; follow it with 'nds jobs show {job.id}'")
             return
         finished = run_with_progress(ctx, job, f"indexing {name}", quiet=as_json)

@@ -1,15 +1,17 @@
 """Pick how jobs run: a background thread (embedded default) or Celery (server mode).
 
-The API enqueues Celery tasks by name, so it never imports ``workers/``.
+The API enqueues Celery tasks by name and queue, both taken from ``workers.queues`` (plain
+constants): it never imports the worker's Celery application or its tasks.
 """
 
 from __future__ import annotations
 
+import catalog.job_kinds  # noqa: F401 - every job kind registered, for the in-process runner
 from catalog.context import CatalogContext
 from catalog.errors import ServiceUnavailableError
-from catalog.jobs import JOB_QUEUES, RUN_JOB_TASK, Dispatcher, ThreadDispatcher
+from catalog.jobs import Dispatcher, ThreadDispatcher
 from catalog.models import Job
-
+from workers.queues import RUN_JOB_TASK, queue_for
 
 
 class CeleryDispatcher:
@@ -24,7 +26,7 @@ class CeleryDispatcher:
 
     def submit(self, job: Job) -> None:
         try:
-            self.app.send_task(RUN_JOB_TASK, args=[job.id], queue=JOB_QUEUES.get(job.kind, "cpu"), retry=False)
+            self.app.send_task(RUN_JOB_TASK, args=[job.id], queue=queue_for(job.kind), retry=False)
         except Exception as exc:  # kombu raises a zoo of connection errors; translate them all here
             raise ServiceUnavailableError(
                 f"the job broker at {self.app.conf.broker_url} cannot be reached: {exc}",

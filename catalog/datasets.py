@@ -51,13 +51,6 @@ def get_dataset(*, session: Session, dataset_id: int, principal: Principal = LOC
     return dataset
 
 
-def get_dataset_by_name(*, session: Session, name: str) -> Dataset:
-    dataset = session.exec(select(Dataset).where(Dataset.name == name)).first()
-    if dataset is None:
-        raise NotFoundError(f"no dataset named {name!r}", hint="'nds datasets list' shows the registered ones")
-    return dataset
-
-
 def find_dataset(*, session: Session, ref: str) -> Dataset:
     """A dataset by id or by name: an all-digit ``ref`` is an id, anything else a name.
 

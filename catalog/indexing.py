@@ -29,7 +29,6 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,7 +39,7 @@ from catalog.context import CatalogContext
 from catalog.db import session_scope
 from catalog.errors import ConflictError, InvalidInputError, NDSError, NotFoundError
 from catalog.images import load_images
-from catalog.jobs import JobFailed, JobReporter, create_job, datasets_with_live_jobs
+from catalog.jobs import GPU, JobFailed, JobKind, JobReporter, create_job, datasets_with_live_jobs, register_job_kind
 from catalog.models import Assignment, Cluster, Dataset, DatasetStatus, Expert, ExpertKind, Group, Job, Sample, utcnow
 from catalog.paths import resolve_in_roots
 from catalog.spaces import publish_backbone
@@ -137,13 +136,10 @@ def start_indexing(ctx: CatalogContext, dataset_id: int, request: IndexRequest) 
 
 
 def run_indexing(ctx: CatalogContext, job: Job, report: JobReporter) -> dict[str, Any]:
+    """The job; when it fails, :func:`restore_status` (the undo of its job kind) puts the dataset back."""
     request = IndexRequest(**job.params)
     timings: dict[str, float] = {}
-    try:
-        return _index(ctx, job.dataset_id, request, report, timings)
-    except BaseException:
-        restore_status(ctx, job.dataset_id)
-        raise
+    return _index(ctx, job.dataset_id, request, report, timings)
 
 
 def _index(ctx: CatalogContext, dataset_id: int, request: IndexRequest, report: JobReporter, timings: dict[str, float]) -> dict[str, Any]:
@@ -283,6 +279,9 @@ def restore_status(ctx: CatalogContext, dataset_id: int | None) -> None:
         dataset.updated_at = utcnow()
         backbone = dataset.backbone if dataset.index_version > 0 else None
     discard_uncommitted_points(ctx, dataset_id, backbone)
+
+
+register_job_kind(JobKind("index", handler=run_indexing, queue_class=GPU, undo=restore_status))
 
 
 def discard_uncommitted_points(ctx: CatalogContext, dataset_id: int, backbone: str | None) -> int:
@@ -535,7 +534,3 @@ def commit_index(
         dataset.status = DatasetStatus.indexed
         dataset.updated_at = utcnow()
     return version
-
-
-def expert_path(ctx: CatalogContext, expert: Expert) -> Path:
-    return ctx.artifacts.open_path(expert.artifact)

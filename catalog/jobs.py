@@ -1,10 +1,15 @@
 """Jobs: rows that track long work, the code that runs them, and in-process dispatchers.
 
 A job is created with its parameters, handed to a dispatcher, and run by :func:`run_job`,
-which looks up the handler for its kind, marks it running, reports step and progress,
-and records success with a result or failure with the error. The same ``run_job`` runs
-in a background thread (embedded default), inline (the CLI), or in a Celery worker
-(server mode; the Celery side lives in ``workers/``, this module knows nothing of it).
+which looks up its :class:`JobKind`, marks it running, reports step and progress, and
+records success with a result or failure with the error (undoing the kind's side effects).
+The same ``run_job`` runs in a background thread (embedded default), inline (the CLI), or
+in a Celery worker (server mode; the Celery side lives in ``workers/``, this module knows
+nothing of it).
+
+Kinds are registered by the modules that implement them (:mod:`catalog.registration`,
+:mod:`catalog.indexing`) when they are imported; this module imports neither.
+:mod:`catalog.job_kinds` imports them all, and whatever runs jobs imports it.
 """
 
 from __future__ import annotations
@@ -18,13 +23,14 @@ import traceback
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import Engine, update
 from sqlmodel import Session, select
 
-from catalog.db import session_scope
-from catalog.errors import NDSError, NotFoundError
+from catalog.db import session_scope, unavailable_database
+from catalog.errors import NDSError, NotFoundError, ServiceUnavailableError
 from catalog.models import Job, JobStatus, utcnow
 
 if TYPE_CHECKING:
@@ -34,28 +40,53 @@ log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[str | None, float], None]
 
-#: Where server mode runs each kind of job: registration reads files (the cpu queue),
-#: indexing trains networks (the gpu queue). The API enqueues by task name and queue;
-#: the workers consume them; neither imports the other.
-JOB_QUEUES: dict[str, str] = {"register": "cpu", "index": "gpu"}
-RUN_JOB_TASK = "nds.run_job"
+#: What a kind of job needs to run on: plain CPUs (reading files) or a GPU (training
+#: networks). Server mode maps each class to a worker queue (``workers/queues.py``).
+CPU, GPU = "cpu", "gpu"
+QUEUE_CLASSES: tuple[str, ...] = (CPU, GPU)
 
 
 class JobHandler(Protocol):
     def __call__(self, ctx: CatalogContext, job: Job, report: JobReporter) -> dict[str, Any]: ...
 
 
-def job_handlers() -> dict[str, JobHandler]:
-    """Kind -> plain function. Imported lazily so that importing jobs stays cheap."""
-    from catalog.registration import run_registration
+#: Undoes what starting a job of a kind did to its dataset, when the job fails or cannot be queued.
+JobUndo = Callable[["CatalogContext", "int | None"], None]
 
-    handlers: dict[str, JobHandler] = {"register": run_registration}
-    try:
-        from catalog.indexing import run_indexing
-    except ImportError:
-        return handlers
-    handlers["index"] = run_indexing
-    return handlers
+
+@dataclass(frozen=True)
+class JobKind:
+    """One kind of job: the function that runs it, what it needs to run on (one of
+    :data:`QUEUE_CLASSES`), and what undoes its side effects on its dataset when it fails."""
+
+    name: str
+    handler: JobHandler
+    queue_class: str
+    undo: JobUndo | None = None
+
+
+_KINDS: dict[str, JobKind] = {}
+
+
+def register_job_kind(kind: JobKind) -> JobKind:
+    """Add a kind to the registry (registering the same kind again replaces it)."""
+    if kind.queue_class not in QUEUE_CLASSES:
+        raise ValueError(f"job kind {kind.name!r}: queue class must be one of {', '.join(QUEUE_CLASSES)}, got {kind.queue_class!r}")
+    _KINDS[kind.name] = kind
+    return kind
+
+
+def job_kind(name: str) -> JobKind | None:
+    """The registered kind ``name``; None when no imported module registered it."""
+    return _KINDS.get(name)
+
+
+def transient_error(exc: BaseException) -> ServiceUnavailableError | None:
+    """``exc`` as a :class:`ServiceUnavailableError` when it is one that a later try may not
+    meet (a service down or restarting, the database unreachable or busy), else None."""
+    if isinstance(exc, ServiceUnavailableError):
+        return exc
+    return unavailable_database(exc)
 
 
 class JobFailed(NDSError):
@@ -131,8 +162,21 @@ class JobReporter:
                 )
 
 
-def run_job(ctx: CatalogContext, job_id: str, *, listener: ProgressCallback | None = None, worker: str | None = None) -> Job:
+def run_job(
+    ctx: CatalogContext,
+    job_id: str,
+    *,
+    listener: ProgressCallback | None = None,
+    worker: str | None = None,
+    retry_transient: bool = False,
+) -> Job:
     """Run one job to completion; never raises for a failure of the job itself.
+
+    A failed job is recorded with its error and its kind's ``undo`` is run. With
+    ``retry_transient`` (a runner that retries, the Celery task), a transient error
+    (:func:`transient_error`) does not fail the job: it is put back to ``queued`` with the
+    reason in ``error``, nothing is undone, and the error is raised (as a
+    :class:`ServiceUnavailableError`) for the runner to try again.
 
     Idempotent: a job that already succeeded is not run again (a redelivered Celery task).
     """
@@ -140,24 +184,56 @@ def run_job(ctx: CatalogContext, job_id: str, *, listener: ProgressCallback | No
         job = get_job(session, job_id)
         if job.status == JobStatus.succeeded:
             return job
-        handler = job_handlers().get(job.kind)
+        kind = job_kind(job.kind)
         job.status = JobStatus.running
         job.started_at = utcnow()
         job.attempts += 1
         job.error = None
         job.worker = worker or this_process()
     reporter = JobReporter(ctx.engine, job_id, listener=listener)
-    if handler is None:
+    if kind is None:
         return _finish(ctx, job_id, error=f"no handler for job kind '{job.kind}'")
     try:
-        result = handler(ctx, job, reporter)
-    except NDSError as exc:
-        log.info("job %s (%s) failed: %s", job_id, job.kind, exc)
-        return _finish(ctx, job_id, error=str(exc))
-    except Exception as exc:  # a bug or an unexpected failure: keep the traceback in the log
+        result = kind.handler(ctx, job, reporter)
+    except BaseException as exc:
+        transient = transient_error(exc) if retry_transient else None
+        if transient is not None:
+            log.warning("job %s (%s) will be retried: %s", job_id, job.kind, transient)
+            _requeue(ctx, job_id, reason=f"will retry: {transient}")
+            if transient is exc:
+                raise
+            raise transient from exc
+        _undo(ctx, kind, job)
+        if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: the process is going away
+            raise
+        if isinstance(exc, NDSError):
+            log.info("job %s (%s) failed: %s", job_id, job.kind, exc)
+            return _finish(ctx, job_id, error=str(exc))
+        # a bug or an unexpected failure: keep the traceback in the log
         log.error("job %s (%s) crashed:\n%s", job_id, job.kind, traceback.format_exc())
         return _finish(ctx, job_id, error=f"{type(exc).__name__}: {exc}")
     return _finish(ctx, job_id, result=result)
+
+
+def _undo(ctx: CatalogContext, kind: JobKind, job: Job) -> None:
+    if kind.undo is None:
+        return
+    try:
+        kind.undo(ctx, job.dataset_id)
+    except Exception:  # the job's own error is the one to record; this one goes to the log
+        log.error("undoing job %s (%s) failed:\n%s", job.id, job.kind, traceback.format_exc())
+
+
+def _requeue(ctx: CatalogContext, job_id: str, *, reason: str) -> None:
+    """Put a job back to ``queued`` for another try; best effort (the database may be the
+    thing that is down: the runner retries anyway, and the next try marks it running)."""
+    try:
+        with session_scope(ctx.engine) as session:
+            job = get_job(session, job_id)
+            job.status = JobStatus.queued
+            job.error = reason
+    except Exception as exc:
+        log.warning("could not put job %s back to queued: %s", job_id, exc)
 
 
 def _finish(ctx: CatalogContext, job_id: str, *, result: dict[str, Any] | None = None, error: str | None = None) -> Job:
@@ -220,6 +296,21 @@ class Dispatcher(Protocol):
     def submit(self, job: Job) -> None: ...
 
     def close(self) -> None: ...
+
+
+def submit_or_undo(ctx: CatalogContext, dispatcher: Dispatcher, job: Job) -> None:
+    """Hand the job to the dispatcher; if that fails (broker down), fail the job, undo its
+    kind's side effects (the dataset it created or claimed), and raise."""
+    try:
+        dispatcher.submit(job)
+    except Exception:
+        with session_scope(ctx.engine) as session:
+            stored = get_job(session, job.id)
+            stored.status, stored.error = JobStatus.failed, "the job could not be queued"
+        kind = job_kind(job.kind)
+        if kind is not None and kind.undo is not None:
+            kind.undo(ctx, job.dataset_id)
+        raise
 
 
 class InlineDispatcher:

@@ -77,10 +77,6 @@ class Dataset(DatasetBase, table=True):
     updated_at: datetime = Field(default_factory=utcnow)
 
 
-class DatasetCreate(DatasetBase):
-    pass
-
-
 class DatasetPublic(DatasetBase):
     id: int
     status: DatasetStatus

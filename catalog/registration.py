@@ -31,7 +31,7 @@ from catalog.datasets import check_name, purge_rows
 from catalog.db import session_scope
 from catalog.errors import ConflictError, InvalidInputError, PluginError, SourceError
 from catalog.images import DEFAULT_MAX_IMAGE_PIXELS, TooManyPixels, open_image
-from catalog.jobs import JobFailed, JobReporter, create_job, datasets_with_live_jobs
+from catalog.jobs import CPU, JobFailed, JobKind, JobReporter, create_job, datasets_with_live_jobs, register_job_kind
 from catalog.models import Dataset, DatasetStatus, Job, Sample, utcnow
 from catalog.paths import resolve_in_roots, within
 from plugins.sources.base import Source, SourceItem
@@ -117,59 +117,56 @@ def run_registration(ctx: CatalogContext, job: Job, report: JobReporter) -> dict
     manifest of millions of rows needs bounded memory, and each batch is committed so the
     catalog is never locked for the whole scan. The dataset stays ``registering`` (not
     ready for indexing or queries) until the last batch is in; if the job fails, or its
-    process dies, its rows are removed (here, or by the next process that starts), so a
-    registration is either complete or absent."""
+    process dies, its rows are removed (by :func:`remove_partial_dataset`, the undo of its
+    job kind, or by the next process that starts), so a registration is either complete
+    or absent."""
     dataset_id = job.dataset_id
-    try:
-        with session_scope(ctx.engine) as session:
-            dataset = session.get(Dataset, dataset_id)
-            if dataset is None:
-                raise JobFailed(f"dataset {dataset_id} no longer exists")
-            name, uri, source_name = dataset.name, dataset.uri, dataset.source
-            session.exec(delete(Sample).where(Sample.dataset_id == dataset_id))  # a redelivered job starts clean
-        report.step("scan", start=0.0, end=1.0)
-        total = max(int((job.params or {}).get("candidates") or 0), 1)
-        stored, seen = 0, 0
-        labels: set[str] = set()
-        reasons: Counter[str] = Counter()
-        listed: list[dict[str, str]] = []
-        items = open_source(ctx, source_name, Path(uri)).items()
-        with ThreadPoolExecutor(max_workers=max(ctx.settings.scan_workers, 1), thread_name_prefix="nds-scan") as pool:
-            while batch := list(islice(items, BATCH)):
-                scanned = scan_batch(pool, batch, seen, ctx.data_roots, max_file_bytes=ctx.settings.max_file_bytes,
-                                     max_pixels=ctx.settings.max_image_pixels)
-                seen += len(batch)
-                rows = []
-                for s in scanned:
-                    if s.skipped is not None:
-                        reasons[s.skipped] += 1
-                        if len(listed) < MAX_LISTED_SKIPS:
-                            listed.append({"uri": s.uri, "reason": f"{s.skipped}: {s.detail}" if s.detail else s.skipped})
-                        continue
-                    if s.label is not None:
-                        labels.add(s.label)
-                    rows.append({"dataset_id": dataset_id, "position": stored + len(rows), "uri": s.uri, "label": s.label,
-                                 "width": s.width, "height": s.height, "byte_size": s.byte_size, "sha256": s.sha256})
-                if rows:
-                    with session_scope(ctx.engine) as session:
-                        session.execute(insert(Sample), rows)
-                    stored += len(rows)
-                report.progress(min(seen / total, 1.0))
-        skipped = sum(reasons.values())
-        if stored == 0:
-            detail = ", ".join(f"{n} {r}" for r, n in reasons.most_common()) or "no files"
-            raise JobFailed(f"no readable images in {uri} ({detail})")
-        with session_scope(ctx.engine) as session:
-            dataset = session.get(Dataset, dataset_id)
-            dataset.num_samples = stored
-            dataset.num_labels = len(labels)
-            dataset.labels = sorted(labels)
-            dataset.skipped = skipped
-            dataset.status = DatasetStatus.ready
-            dataset.updated_at = utcnow()
-    except BaseException:
-        remove_partial_dataset(ctx, dataset_id)
-        raise
+    with session_scope(ctx.engine) as session:
+        dataset = session.get(Dataset, dataset_id)
+        if dataset is None:
+            raise JobFailed(f"dataset {dataset_id} no longer exists")
+        name, uri, source_name = dataset.name, dataset.uri, dataset.source
+        session.exec(delete(Sample).where(Sample.dataset_id == dataset_id))  # a redelivered job starts clean
+    report.step("scan", start=0.0, end=1.0)
+    total = max(int((job.params or {}).get("candidates") or 0), 1)
+    stored, seen = 0, 0
+    labels: set[str] = set()
+    reasons: Counter[str] = Counter()
+    listed: list[dict[str, str]] = []
+    items = open_source(ctx, source_name, Path(uri)).items()
+    with ThreadPoolExecutor(max_workers=max(ctx.settings.scan_workers, 1), thread_name_prefix="nds-scan") as pool:
+        while batch := list(islice(items, BATCH)):
+            scanned = scan_batch(pool, batch, seen, ctx.data_roots, max_file_bytes=ctx.settings.max_file_bytes,
+                                 max_pixels=ctx.settings.max_image_pixels)
+            seen += len(batch)
+            rows = []
+            for s in scanned:
+                if s.skipped is not None:
+                    reasons[s.skipped] += 1
+                    if len(listed) < MAX_LISTED_SKIPS:
+                        listed.append({"uri": s.uri, "reason": f"{s.skipped}: {s.detail}" if s.detail else s.skipped})
+                    continue
+                if s.label is not None:
+                    labels.add(s.label)
+                rows.append({"dataset_id": dataset_id, "position": stored + len(rows), "uri": s.uri, "label": s.label,
+                             "width": s.width, "height": s.height, "byte_size": s.byte_size, "sha256": s.sha256})
+            if rows:
+                with session_scope(ctx.engine) as session:
+                    session.execute(insert(Sample), rows)
+                stored += len(rows)
+            report.progress(min(seen / total, 1.0))
+    skipped = sum(reasons.values())
+    if stored == 0:
+        detail = ", ".join(f"{n} {r}" for r, n in reasons.most_common()) or "no files"
+        raise JobFailed(f"no readable images in {uri} ({detail})")
+    with session_scope(ctx.engine) as session:
+        dataset = session.get(Dataset, dataset_id)
+        dataset.num_samples = stored
+        dataset.num_labels = len(labels)
+        dataset.labels = sorted(labels)
+        dataset.skipped = skipped
+        dataset.status = DatasetStatus.ready
+        dataset.updated_at = utcnow()
     return {
         "dataset_id": dataset_id,
         "name": name,
@@ -190,6 +187,9 @@ def remove_partial_dataset(ctx: CatalogContext, dataset_id: int | None) -> None:
         if dataset is not None and dataset.status == DatasetStatus.registering:
             purge_rows(session, dataset_id)
             session.delete(dataset)
+
+
+register_job_kind(JobKind("register", handler=run_registration, queue_class=CPU, undo=remove_partial_dataset))
 
 
 def remove_interrupted_registrations(ctx: CatalogContext) -> list[str]:

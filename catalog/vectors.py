@@ -98,10 +98,6 @@ class VectorStore(ABC):
         """Insert or replace points; ``vectors`` is float (n, dim), finite, no zero rows."""
 
     @abstractmethod
-    def set_cluster_ids(self, name: str, ids: Sequence[int], cluster_ids: Sequence[int]) -> None:
-        """Set payload ``cluster_id`` per point; every id must exist (else NotFoundError, nothing written)."""
-
-    @abstractmethod
     def search(
         self, name: str, vector: np.ndarray, k: int, *, dataset_ids: Sequence[int] | None = None
     ) -> list[VectorHit]:
@@ -255,20 +251,6 @@ def _check_k(k: int) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or int(k) < 1:
         raise InvalidInputError(f"k must be a positive integer, got {k!r}", field="k")
     return int(k)
-
-
-def _group_clusters(ids: Sequence[int], cluster_ids: Sequence[int]) -> tuple[list[int], dict[int, list[int]]]:
-    point_ids = _check_ids(ids)
-    arr = np.asarray(cluster_ids)
-    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
-        raise InvalidInputError("cluster_ids must be a flat sequence of integers", field="cluster_ids")
-    clusters = arr.tolist()
-    if len(clusters) != len(point_ids):
-        raise InvalidInputError(f"got {len(clusters)} cluster_ids for {len(point_ids)} ids", field="cluster_ids")
-    groups: dict[int, list[int]] = {}
-    for point_id, cluster in zip(point_ids, clusters):
-        groups.setdefault(cluster, []).append(point_id)
-    return point_ids, groups
 
 
 def _hit(point_id: Any, score: float, payload: Mapping[str, Any] | None) -> VectorHit:
@@ -542,23 +524,6 @@ class EdgeVectorStore(VectorStore):
                     ]
                     shard.update(UpdateOperation.upsert_points(points))
 
-    def set_cluster_ids(self, name: str, ids: Sequence[int], cluster_ids: Sequence[int]) -> None:
-        _check_name(name)
-        point_ids, groups = _group_clusters(ids, cluster_ids)
-        with self._errors(f"set cluster ids in vector collection {name!r}"):
-            with self._shard(name, write=True) as (shard, _dim):
-                if not point_ids:
-                    return
-                from qdrant_edge import CountRequest, Filter, HasIdCondition, UpdateOperation
-
-                unique = set(point_ids)
-                found = shard.count(CountRequest(exact=True, filter=Filter(must=[HasIdCondition(unique)])))
-                if found != len(unique):
-                    present = {int(r.id) for r in shard.retrieve(list(unique), False, False)}
-                    raise _missing_error(name, list(unique - present))
-                for cluster, members in groups.items():
-                    shard.update(UpdateOperation.set_payload(members, {"cluster_id": cluster}))
-
     def search(
         self, name: str, vector: np.ndarray, k: int, *, dataset_ids: Sequence[int] | None = None
     ) -> list[VectorHit]:
@@ -791,27 +756,6 @@ class QdrantServerStore(VectorStore):
                 stop = start + step
                 batch = models.Batch(ids=point_ids[start:stop], vectors=matrix[start:stop].tolist(), payloads=items[start:stop])
                 self.client.upsert(name, points=batch, wait=True)
-
-    def set_cluster_ids(self, name: str, ids: Sequence[int], cluster_ids: Sequence[int]) -> None:
-        _check_name(name)
-        point_ids, groups = _group_clusters(ids, cluster_ids)
-        with self._errors(f"set cluster ids in vector collection {name!r}"):
-            self._dim(name)
-            if not point_ids:
-                return
-            from qdrant_client import models
-
-            unique = list(set(point_ids))
-            has_ids = models.Filter(must=[models.HasIdCondition(has_id=unique)])
-            found = self.client.count(name, count_filter=has_ids, exact=True).count
-            if found != len(unique):
-                present = {int(r.id) for r in self.client.retrieve(name, ids=unique, with_payload=False, with_vectors=False)}
-                raise _missing_error(name, [i for i in unique if i not in present])
-            operations = [
-                models.SetPayloadOperation(set_payload=models.SetPayload(payload={"cluster_id": cluster}, points=members))
-                for cluster, members in groups.items()
-            ]
-            self.client.batch_update_points(name, update_operations=operations, wait=True)
 
     def search(
         self, name: str, vector: np.ndarray, k: int, *, dataset_ids: Sequence[int] | None = None

@@ -62,6 +62,41 @@ def test_bad_input_in_server_mode(server_settings, worker):
         assert "junk" not in [d["name"] for d in api.get("/v1/datasets").json()["data"]]
 
 
+def test_a_transient_error_on_the_worker_is_retried_not_failed(server_settings, worker):
+    """A job whose source is briefly unreachable (ServiceUnavailableError) goes back to the
+    queue and succeeds on the Celery task's retry, instead of failing."""
+    from sqlmodel import Session
+
+    from api.dispatch import CeleryDispatcher
+    from catalog.context import CatalogContext
+    from catalog.jobs import get_job, submit_or_undo
+    from catalog.models import Dataset
+    from catalog.registration import RegistrationRequest, start_registration
+    from tests.flaky_source import MARKER
+
+    folder = write_images(server_settings.data_roots[0] / "flaky", n=3)
+    with CatalogContext.open(server_settings) as ctx:
+        dataset, job = start_registration(ctx, RegistrationRequest(name="flaky", path=str(folder), source="tests.flaky_source:FlakySource"))
+        (folder / MARKER).touch()  # the worker's first listing of the folder fails
+        dispatcher = CeleryDispatcher(server_settings.broker_url)
+        try:
+            submit_or_undo(ctx, dispatcher, job)
+        finally:
+            dispatcher.close()
+        deadline = time.monotonic() + 120
+        while True:
+            with Session(ctx.engine) as session:
+                current = get_job(session, job.id)
+                if current.status.value in ("succeeded", "failed") or time.monotonic() > deadline:
+                    break
+            time.sleep(0.1)
+        assert (current.status.value, current.attempts) == ("succeeded", 2), (current.status, current.error, current.attempts)
+        assert not (folder / MARKER).exists()
+        with Session(ctx.engine) as session:
+            stored = session.get(Dataset, dataset.id)
+            assert (stored.status.value, stored.num_samples) == ("ready", 6)
+
+
 def test_index_on_the_worker_survives_a_killed_worker(server_settings, worker):
     """SIGKILL the worker in the middle of expert training; after a restart the job
     completes with exactly one artifact and one catalog row per expert."""

@@ -120,22 +120,6 @@ def test_search_returns_nearest_with_cosine_score_and_filters_datasets(store: Ve
     assert info.value.field == "k"
 
 
-def test_set_cluster_ids_shows_in_search_payloads(store: VectorStore) -> None:
-    vectors = fill(store, n=12, datasets=2)
-    ids = list(range(12))
-    store.set_cluster_ids("emb", ids, [i % 3 for i in ids])
-    hits = store.search("emb", vectors[7], 12)
-    assert {h.id: h.payload["cluster_id"] for h in hits} == {i: i % 3 for i in ids}
-    assert all(h.payload["dataset_id"] == h.id % 2 for h in hits)  # other payload kept
-
-    with pytest.raises(NotFoundError, match="999"):
-        store.set_cluster_ids("emb", [0, 999], [7, 7])
-    assert store.search("emb", vectors[0], 1)[0].payload["cluster_id"] == 0  # nothing written
-    with pytest.raises(InvalidInputError) as info:
-        store.set_cluster_ids("emb", [0, 1], [1])
-    assert info.value.field == "cluster_ids"
-
-
 def test_fetch_vectors_in_order_of_ids_and_missing_id(store: VectorStore) -> None:
     vectors = fill(store, n=10)
     got = store.fetch_vectors("emb", [7, 2, 7, 0])
@@ -202,7 +186,6 @@ def test_unknown_collection_is_not_found_everywhere(store: VectorStore) -> None:
         lambda: store.search("nope", np.ones(DIM), 3),
         lambda: store.count("nope"),
         lambda: store.fetch_vectors("nope", [1]),
-        lambda: store.set_cluster_ids("nope", [1], [1]),
     ]
     for call in calls:
         with pytest.raises(NotFoundError, match="vector collection 'nope' does not exist"):
@@ -276,11 +259,11 @@ def test_edge_session_keeps_the_collection_open(tmp_path: Path) -> None:
     vectors = fill(store, n=10)
     with store.session("emb"):
         assert store.search("emb", vectors[3], 1)[0].id == 3
-        store.set_cluster_ids("emb", [3], [9])
+        store.upsert("emb", [3], vectors[3:4], [{"dataset_id": 9}])
         assert store.count("emb") == 10
         with pytest.raises(VectorStoreError, match="inside its own session"):
             store.delete_collection("emb")
-    assert store.search("emb", vectors[3], 1)[0].payload["cluster_id"] == 9
+    assert store.search("emb", vectors[3], 1)[0].payload["dataset_id"] == 9
 
 
 # ---------------------------------------------------------------------------

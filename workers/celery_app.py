@@ -1,4 +1,4 @@
-"""The Celery application of server mode: ``cpu`` and ``gpu`` queues, one task at a time.
+"""The Celery application of server mode: its queues (``workers/queues.py``), one task at a time.
 
 Started by ``nds worker --queues cpu,gpu`` (``celery -A workers.celery_app worker``).
 Settings come from the same ``NDS_*`` variables as everything else. Tasks are
@@ -13,14 +13,14 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from catalog.settings import Settings, load_settings
-
+from workers.queues import DEFAULT_QUEUE, QUEUES
 
 
 def create_celery(settings: Settings) -> Celery:
     app = Celery("nds", broker=settings.broker_url, include=["workers.tasks"])
     app.conf.update(
-        task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name) for name in ("cpu", "gpu")],
-        task_default_queue="cpu",
+        task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES.values()],
+        task_default_queue=DEFAULT_QUEUE,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,

@@ -5,7 +5,9 @@ database connection, vector store handle or CUDA context is shared with the pare
 Every job records the ``host:pid`` running it; when a worker starts, it re-queues the
 jobs that a dead process on the same host left running (a worker killed mid-training
 and restarted picks its job up at once instead of after the broker's visibility
-timeout). Jobs are idempotent, so a second delivery of the same job is harmless.
+timeout). Jobs are idempotent, so a second delivery of the same job is harmless. A job
+that meets a transient error (a service or the database unreachable) is retried with
+backoff instead of failed.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from sqlalchemy.exc import OperationalError
 
 from catalog.context import CatalogContext
 from catalog.errors import ServiceUnavailableError
-from catalog.jobs import JOB_QUEUES, RUN_JOB_TASK, get_job, orphaned_jobs, process_alive, run_job, this_process
+from catalog.jobs import get_job, orphaned_jobs, process_alive, run_job, this_process
 from catalog.db import session_scope
 from catalog.settings import load_settings
 from workers.celery_app import app
+from workers.queues import RUN_JOB_TASK, queue_for
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +66,14 @@ def _requeue_orphans(**_: object) -> None:
             with session_scope(ctx.engine) as session:
                 kind = get_job(session, job_id).kind
             log.warning("re-queuing job %s (%s): the worker running it died", job_id, kind)
-            run_job_task.apply_async(args=[job_id], queue=JOB_QUEUES.get(kind, "cpu"))
+            run_job_task.apply_async(args=[job_id], queue=queue_for(kind))
     finally:
         ctx.close()
 
 
 @app.task(
     name=RUN_JOB_TASK,
+    bind=True,
     acks_late=True,
     reject_on_worker_lost=True,
     autoretry_for=(OperationalError, ServiceUnavailableError),
@@ -78,7 +82,12 @@ def _requeue_orphans(**_: object) -> None:
     retry_jitter=True,
     max_retries=8,
 )
-def run_job_task(job_id: str) -> str:
-    """Run one catalog job by id; its outcome is recorded on the job row."""
-    job = run_job(_ProcessContext.get(), job_id, worker=this_process())
+def run_job_task(self, job_id: str) -> str:  # noqa: ANN001 - the bound task
+    """Run one catalog job by id; its outcome is recorded on the job row.
+
+    A transient error (a service or the database unreachable) puts the job back to
+    'queued' and is raised, so ``autoretry_for`` tries again later; on the last try it
+    fails the job like any other error."""
+    retrying = self.request.retries < self.max_retries
+    job = run_job(_ProcessContext.get(), job_id, worker=this_process(), retry_transient=retrying)
     return job.status.value

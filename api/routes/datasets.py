@@ -9,28 +9,15 @@ from fastapi import APIRouter, Response, status
 from api.deps import IdPath, AdminDep, CtxDep, DispatcherDep, LimitDep, OffsetDep, PrincipalDep, SessionDep
 from api.schemas import DatasetAccess, DatasetAccessBody, DatasetRegister, DatasetRegistered, IndexBody
 from catalog import access
-from catalog.indexing import IndexRequest, restore_status, start_indexing
+from catalog.indexing import IndexRequest, start_indexing
 from catalog import datasets as repo
 from catalog.db import session_scope
-from catalog.models import ClusterPublic, Dataset, DatasetPublic, Job, JobPublic, DatasetsPublic, JobStatus, SamplePublic, SamplesPublic
-from catalog.registration import RegistrationRequest, remove_partial_dataset, start_registration
-from catalog.context import CatalogContext
+from catalog.models import ClusterPublic, Dataset, DatasetPublic, JobPublic, DatasetsPublic, SamplePublic, SamplesPublic
+from catalog.registration import RegistrationRequest, start_registration
 from catalog.errors import InvalidInputError
-from catalog.jobs import Dispatcher, get_job
+from catalog.jobs import get_job, submit_or_undo
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
-
-
-def submit_or_undo(ctx: CatalogContext, dispatcher: Dispatcher, job: Job, *, undo: Callable[[], None]) -> None:
-    """Hand the job to the dispatcher; if that fails (broker down), fail the job and undo its side effects."""
-    try:
-        dispatcher.submit(job)
-    except Exception:
-        with session_scope(ctx.engine) as session:
-            stored = get_job(session, job.id)
-            stored.status, stored.error = JobStatus.failed, "the job could not be queued"
-        undo()
-        raise
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetRegistered)
@@ -40,7 +27,7 @@ def register_dataset(body: DatasetRegister, ctx: CtxDep, dispatcher: DispatcherD
         raise InvalidInputError(f"unknown source '{body.source}'; known: {', '.join(ctx.sources.names())}", field="source",
                                 hint="install a package that declares an 'nds.sources' entry point")
     dataset, job = start_registration(ctx, RegistrationRequest(**body.model_dump()))
-    submit_or_undo(ctx, dispatcher, job, undo=lambda: remove_partial_dataset(ctx, dataset.id))
+    submit_or_undo(ctx, dispatcher, job)
     with session_scope(ctx.engine) as session:
         current = session.get(Dataset, dataset.id) or dataset  # the job may already have finished
         return DatasetRegistered(**DatasetPublic.model_validate(current).model_dump(), job_id=job.id)
@@ -74,7 +61,7 @@ def _shown(row, show: Callable[[str], str]):  # noqa: ANN001, ANN202 - a public 
 def index_dataset(dataset_id: IdPath, body: IndexBody, ctx: CtxDep, dispatcher: DispatcherDep, _: AdminDep) -> JobPublic:
     """Embed, cluster, train one rotation expert per cluster and a label classifier, export to ONNX."""
     job = start_indexing(ctx, dataset_id, IndexRequest(**body.model_dump()))
-    submit_or_undo(ctx, dispatcher, job, undo=lambda: restore_status(ctx, dataset_id))
+    submit_or_undo(ctx, dispatcher, job)
     with session_scope(ctx.engine) as session:
         return JobPublic.model_validate(get_job(session, job.id))
 
