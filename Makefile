@@ -6,7 +6,7 @@ NDS := $(VENV)/bin/nds
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo-output
 
-.PHONY: install demo test services-install bench clean
+.PHONY: install demo test test-fast lint services-install bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,15 @@ install: $(STAMP)
 services-install:
 	bash tests/services.sh install
 
-test: install services-install
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: install lint services-install
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# daily work: no services, no slow tests (under 2 minutes on 2 cores)
+test-fast: install lint
+	$(PY) -m pytest -q -p no:cacheprovider -m "not server and not slow"
 
 demo: install
 	rm -rf $(DEMO_DIR) && mkdir -p $(DEMO_DIR)

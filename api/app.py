@@ -18,8 +18,8 @@ from api.schemas import Health
 from catalog.access import api_is_open
 from catalog.context import CatalogContext
 from catalog.db import current_revision
-from catalog.jobs import mark_interrupted
 from catalog.indexing import restore_interrupted_indexing
+from catalog.jobs import mark_interrupted
 from catalog.registration import remove_interrupted_registrations
 from catalog.settings import Settings, load_settings
 

@@ -25,7 +25,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from api.console import SafeTable as Table  # escapes every title, header and string cell: the server's names are untrusted
 from api.console import err, handles_errors, out, safe
 
-
 STAGES = {"download": "downloading experts", "preprocess": "preprocessing images", "score": "scoring experts", "priors": "label priors"}
 
 

@@ -17,7 +17,6 @@ from catalog.context import CatalogContext
 from catalog.errors import AuthenticationError
 from catalog.jobs import Dispatcher
 
-
 log = logging.getLogger("nds.api")
 
 

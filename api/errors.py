@@ -14,7 +14,6 @@ from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from catalog.db import unavailable_database
-
 from catalog.errors import (
     AuthenticationError,
     ConflictError,

@@ -12,10 +12,9 @@ import enum
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, Index, Integer, LargeBinary, UniqueConstraint
 from pydantic import field_validator
+from sqlalchemy import JSON, BigInteger, Column, Index, Integer, LargeBinary, UniqueConstraint
 from sqlmodel import Field, SQLModel
-
 
 # 64-bit ids on PostgreSQL; INTEGER on SQLite so the column is the rowid and autoincrements.
 BigId = BigInteger().with_variant(Integer(), "sqlite")

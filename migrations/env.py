@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import create_engine
+from sqlmodel import SQLModel
 
 import catalog.models  # noqa: F401 - registers the tables on SQLModel.metadata
-from sqlmodel import SQLModel
 
 config = context.config
 target_metadata = SQLModel.metadata

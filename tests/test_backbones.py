@@ -32,6 +32,8 @@ from plugins.backbones.base import Backbone, BackboneEnv
 from plugins.registry import backbone_registry
 from tests.conftest import write_images
 
+pytestmark = pytest.mark.slow  # trains networks or runs processes: not in `make test-fast`
+
 SMALL = dict(image_size=32, epochs=1, width=8)
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)  # not ImageNet's: the ONNX metadata must be what is used
 NARROW = NetConfig(width=8, blocks=(1, 1, 1), feature_dim=128, num_outputs=4, input_size=32)

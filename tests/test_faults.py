@@ -21,6 +21,8 @@ from sqlalchemy import create_engine, text
 from api.local_server import LocalServer
 from tests.conftest import small_tmpfs, wait_job, write_images
 
+pytestmark = pytest.mark.slow  # trains networks or runs processes: not in `make test-fast`
+
 NDS = os.path.join(os.path.dirname(sys.executable), "nds")
 
 

@@ -3,7 +3,11 @@ and negative cases; no 5xx, every 4xx with the JSON error body (benchmarks/fuzz.
 
 from __future__ import annotations
 
+import pytest
+
 from benchmarks.fuzz import fuzz, fuzz_app
+
+pytestmark = pytest.mark.slow  # the whole app under schemathesis: not in `make test-fast`
 
 EXAMPLES = 15  # per operation and mode; `python -m benchmarks.fuzz` runs 200
 

@@ -90,6 +90,7 @@ def _register_manifest(env: dict, root, name: str, rows: int) -> dict:
     return {**report, "result": json.loads(report["out"])}
 
 
+@pytest.mark.slow
 def test_a_manifest_of_many_rows_registers_with_bounded_memory(cli_env, data_root):
     """200,000 rows (the README's figure is for 10^6): memory does not grow with the rows."""
     write_images(data_root / "imgs", labels=("a",), n=4)

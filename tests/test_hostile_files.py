@@ -133,7 +133,7 @@ def test_a_file_over_max_file_bytes_is_skipped_and_the_rest_registers(make_ctx, 
 
 @bomb_warning
 def test_a_13000_square_png_is_skipped_from_its_header(ctx, data_root, huge_png, decoded):
-    folder = write_images(data_root / "src", labels=("a",), n=2)
+    write_images(data_root / "src", labels=("a",), n=2)
     (data_root / "huge.png").write_bytes(huge_png.read_bytes())
     manifest = data_root / "m.csv"
     manifest.write_text("uri,label\nsrc/a/0.png,a\nhuge.png,a\nsrc/a/1.png,b\n")
@@ -224,6 +224,7 @@ def test_a_1gb_sparse_file_is_skipped_by_size_without_being_read(cli_env, data_r
 
 
 @needs_proc
+@pytest.mark.slow
 def test_a_300mb_image_under_a_raised_cap_is_hashed_in_chunks(cli_env, data_root):
     """A valid PNG followed by 300 MB of (sparse) zeros: decoded, then hashed whole in bounded memory."""
     big = data_root / "padded.png"

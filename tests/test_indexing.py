@@ -20,7 +20,9 @@ from catalog.models import Assignment, Cluster, Dataset, DatasetStatus, Expert, 
 from catalog.onnx_runtime import create_session, read_metadata, run
 from catalog.registration import RegistrationRequest, start_registration
 from catalog.settings import load_settings
-from tests.conftest import wait_job, write_images, LOOPBACK
+from tests.conftest import LOOPBACK, wait_job, write_images
+
+pytestmark = pytest.mark.slow  # trains networks or runs processes: not in `make test-fast`
 
 SMALL = dict(image_size=32, epochs=1, width=8, min_steps=10)
 

@@ -104,6 +104,7 @@ def test_to_tensor() -> None:
         to_tensor(images.astype(np.float32), NORM)
 
 
+@pytest.mark.slow
 def test_train_rotation_learns_orientation() -> None:
     images = oriented_images(128)
     seen: list[float] = []

@@ -20,6 +20,8 @@ from catalog.nets import NetConfig, build_net
 from catalog.onnx_export import ParityError, check_parity, export_onnx, parity_differences, parity_tolerances
 from catalog.training import TrainConfig, cpu_has_native_bf16, train_classifier, train_rotation
 
+pytestmark = pytest.mark.slow  # trains and exports dozens of networks: not in `make test-fast`
+
 NORM = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 TINY = NetConfig(width=4, blocks=(1, 1), feature_dim=16, input_size=16)  # exports in about a second
 EXTRA_DRAWS = (1, 7, 1, 7)  # beyond the export's own check: more fresh inputs per export

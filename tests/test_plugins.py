@@ -72,6 +72,7 @@ def test_third_party_entry_point_registers_a_source(tmp_path, monkeypatch, ctx, 
     dataset, job = start_registration(ctx, RegistrationRequest(name="listed", path=str(listing), source="listfile"))
     InlineDispatcher(ctx).submit(job)
     from sqlmodel import Session
+
     from catalog.models import Dataset
 
     with Session(ctx.engine) as session:

@@ -14,6 +14,8 @@ import pytest
 
 from benchmarks.selection import QUICK, RANDOM, run, write_outputs
 
+pytestmark = pytest.mark.slow  # trains networks or runs processes: not in `make test-fast`
+
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):

@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.local_server import LocalServer
-from tests.conftest import wait_job, write_images, LOOPBACK
+from tests.conftest import LOOPBACK, wait_job, write_images
 from tests.server_mode import server_env, server_home, server_settings, worker  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.server

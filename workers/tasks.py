@@ -19,9 +19,9 @@ from celery.signals import worker_process_init, worker_process_shutdown, worker_
 from sqlalchemy.exc import OperationalError
 
 from catalog.context import CatalogContext
+from catalog.db import session_scope
 from catalog.errors import ServiceUnavailableError
 from catalog.jobs import get_job, orphaned_jobs, process_alive, run_job, this_process
-from catalog.db import session_scope
 from catalog.settings import load_settings
 from workers.celery_app import app
 from workers.queues import RUN_JOB_TASK, queue_for

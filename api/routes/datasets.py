@@ -6,16 +6,16 @@ from collections.abc import Callable
 
 from fastapi import APIRouter, Response, status
 
-from api.deps import IdPath, AdminDep, CtxDep, DispatcherDep, LimitDep, OffsetDep, PrincipalDep, SessionDep
+from api.deps import AdminDep, CtxDep, DispatcherDep, IdPath, LimitDep, OffsetDep, PrincipalDep, SessionDep
 from api.schemas import DatasetAccess, DatasetAccessBody, DatasetRegister, DatasetRegistered, IndexBody
 from catalog import access
-from catalog.indexing import IndexRequest, start_indexing
 from catalog import datasets as repo
 from catalog.db import session_scope
-from catalog.models import ClusterPublic, Dataset, DatasetPublic, JobPublic, DatasetsPublic, SamplePublic, SamplesPublic
-from catalog.registration import RegistrationRequest, start_registration
 from catalog.errors import InvalidInputError
+from catalog.indexing import IndexRequest, start_indexing
 from catalog.jobs import get_job, submit_or_undo
+from catalog.models import ClusterPublic, Dataset, DatasetPublic, DatasetsPublic, JobPublic, SamplePublic, SamplesPublic
+from catalog.registration import RegistrationRequest, start_registration
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 

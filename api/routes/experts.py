@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import FileResponse
 
-from api.deps import MAX_ID, IdPath, CtxDep, LimitDep, OffsetDep, PrincipalDep, SessionDep
+from api.deps import MAX_ID, CtxDep, IdPath, LimitDep, OffsetDep, PrincipalDep, SessionDep
 from api.files import ONNX_RESPONSES, file_with_etag
 from catalog.experts import get_expert, list_experts
 from catalog.models import ExpertKind, ExpertPublic, ExpertsPublic

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 
-from api.deps import IdPath, AdminDep, CtxDep, SessionDep
+from api.deps import AdminDep, CtxDep, IdPath, SessionDep
 from api.schemas import KeyCreate
 from catalog import access
 from catalog.db import session_scope

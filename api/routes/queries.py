@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query as Q, status
+from fastapi import APIRouter, status
+from fastapi import Query as Q
 from fastapi.responses import StreamingResponse
 
 from api.deps import CtxDep, LimitDep, OffsetDep, PrincipalDep, SessionDep

@@ -1,7 +1,7 @@
 """initial catalog schema
 
 Revision ID: 0001
-Revises: 
+Revises:
 Create Date: 2026-11-25
 
 Every table the design needs: datasets, samples, clusters, assignments (sample -> cluster
@@ -9,10 +9,9 @@ per index version), experts, jobs, queries.
 """
 from __future__ import annotations
 
-from alembic import op
 import sqlalchemy as sa
 import sqlmodel
-
+from alembic import op
 
 revision = '0001'
 down_revision = None
