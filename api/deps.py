@@ -12,7 +12,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session
 
 from api.hosts import SAFE_METHODS, host_name, origin_trusted, trusted
-from catalog.access import LOCAL, Principal, api_is_open, authenticate, require_admin
+from catalog.access import LOCAL, MAX_ID, Principal, api_is_open, authenticate, require_admin
 from catalog.context import CatalogContext
 from catalog.errors import AuthenticationError
 from catalog.jobs import Dispatcher
@@ -44,7 +44,6 @@ def get_session(ctx: Annotated[CatalogContext, Depends(get_ctx)]) -> Iterator[Se
 CtxDep = Annotated[CatalogContext, Depends(get_ctx)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 SessionDep = Annotated[Session, Depends(get_session)]
-MAX_ID = 2**63 - 1  # ids are 64-bit integers in every catalog database
 IdPath = Annotated[int, Path(ge=0, le=MAX_ID, description="A catalog id.")]
 OffsetDep = Annotated[int, Query(ge=0, le=2**62, description="Rows to skip.")]
 LimitDep = Annotated[int, Query(ge=1, le=1000, description="Rows to return (at most 1000).")]
@@ -77,7 +76,7 @@ def get_principal(
         if getattr(state, "closed", False) or not api_is_open(session=session, auth=ctx.settings.auth, admin_key=ctx.settings.admin_key):
             state.closed = True
             raise AuthenticationError("an API key is required", hint=KEY_HINT)
-    allowed = ctx.settings.allowed_hosts
+    allowed = [h for h in ctx.settings.allowed_hosts if h != "*"]  # open mode trusts only named hosts, never "any"
     host = host_name(request.headers.get("host", ""))
     if not trusted(host, allowed):
         raise AuthenticationError(f"an API key is required for requests addressed to {host!r}",

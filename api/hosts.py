@@ -28,7 +28,11 @@ def host_name(value: str) -> str:
     """The name of a ``Host`` header or URL authority, lower-cased, without port or brackets."""
     value = value.strip().lower()
     if value.startswith("["):
-        return value[1 : value.find("]")] if "]" in value else value
+        end = value.find("]")
+        rest = value[end + 1 :] if end > 0 else ""
+        if end > 0 and (rest == "" or (rest.startswith(":") and rest[1:].isdigit())):
+            return value[1:end]
+        return value
     name, sep, port = value.rpartition(":")
     return name if sep and port.isdigit() and ":" not in name else value
 

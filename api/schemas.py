@@ -7,9 +7,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from catalog.access import MAX_ID
 from catalog.models import DatasetPublic
 
-Id = Annotated[int, Field(ge=0, le=2**63 - 1)]  # a catalog id (64-bit)
+Id = Annotated[int, Field(ge=0, le=MAX_ID)]  # a catalog id (64-bit)
 
 
 class DatasetRegister(BaseModel):

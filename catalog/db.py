@@ -95,7 +95,8 @@ def _migrate(engine: Engine, settings: Settings, step, revision: str) -> None:  
     On SQLite, foreign-key actions are switched off first (outside the transaction, the
     only place SQLite honours the pragma): a migration that rebuilds a table drops the
     old copy, and with them on, dropping ``datasets`` would cascade to every sample.
-    Every reference is checked before the transaction commits instead."""
+    Every reference is checked before the transaction commits instead, and the whole
+    command (DDL included) is one transaction: a failure leaves the schema as it was."""
     sqlite = engine.dialect.name == "sqlite"
     with engine.connect() as conn:
         if sqlite:
@@ -103,6 +104,8 @@ def _migrate(engine: Engine, settings: Settings, step, revision: str) -> None:  
             conn.commit()
         try:
             with conn.begin():
+                if sqlite:  # pysqlite opens its transaction only before DML: DDL would commit as it runs
+                    conn.exec_driver_sql("BEGIN")
                 cfg = alembic_config(settings.sqlalchemy_url)
                 cfg.attributes["connection"] = conn
                 step(cfg, revision)

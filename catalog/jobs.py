@@ -182,8 +182,8 @@ def run_job(
     """
     with session_scope(ctx.engine) as session:
         job = get_job(session, job_id)
-        if job.status == JobStatus.succeeded:
-            return job
+        if job.status in (JobStatus.succeeded, JobStatus.failed):
+            return job  # it ended (a redelivered task, or one failed and undone while it waited)
         kind = job_kind(job.kind)
         job.status = JobStatus.running
         job.started_at = utcnow()
@@ -264,8 +264,16 @@ def job_process_dead(job: Job, *, host: str, alive: Callable[[int], bool] = proc
 
 def mark_interrupted(ctx: CatalogContext, *, reason: str, alive: Callable[[int], bool] = process_alive) -> list[Job]:
     """Fail the jobs left queued or running by a process of this host that died (embedded
-    mode); jobs of live processes (a CLI registering beside the server) are not touched."""
-    host = socket.gethostname()
+    mode); jobs of live processes (a CLI registering beside the server) are not touched.
+    Called at start-up, before this process runs any job: a job that names this very pid
+    was left by an earlier process that had it (a restarted container's server is pid 1
+    again), so it counts as dead."""
+    host, me = socket.gethostname(), os.getpid()
+    judged = alive
+
+    def alive(pid: int) -> bool:
+        return pid != me and judged(pid)
+
     with session_scope(ctx.engine) as session:
         pending = session.exec(select(Job).where(Job.status.in_([JobStatus.queued, JobStatus.running]))).all()
         stale = [job for job in pending if job_process_dead(job, host=host, alive=alive)]
@@ -308,8 +316,8 @@ def submit_or_undo(ctx: CatalogContext, dispatcher: Dispatcher, job: Job) -> Non
             stored = get_job(session, job.id)
             stored.status, stored.error = JobStatus.failed, "the job could not be queued"
         kind = job_kind(job.kind)
-        if kind is not None and kind.undo is not None:
-            kind.undo(ctx, job.dataset_id)
+        if kind is not None:
+            _undo(ctx, kind, job)
         raise
 
 

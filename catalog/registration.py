@@ -34,6 +34,7 @@ from catalog.images import DEFAULT_MAX_IMAGE_PIXELS, TooManyPixels, open_image
 from catalog.jobs import CPU, JobFailed, JobKind, JobReporter, create_job, datasets_with_live_jobs, register_job_kind
 from catalog.models import Dataset, DatasetStatus, Job, Sample, utcnow
 from catalog.paths import resolve_in_roots, within
+from catalog.settings import Settings
 from plugins.sources.base import Source, SourceItem
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 MAX_LISTED_SKIPS = 1000
 BATCH = 4096  # source items read, scanned and stored at a time
 HASH_CHUNK = 1 << 20  # a larger file is hashed in reads of this size, never held whole; a smaller one is read once
-DEFAULT_MAX_FILE_BYTES = 256 * 2**20  # the default of NDS_MAX_FILE_BYTES
+DEFAULT_MAX_FILE_BYTES = Settings.model_fields["max_file_bytes"].default  # NDS_MAX_FILE_BYTES
 TOO_LARGE = "larger than NDS_MAX_FILE_BYTES"
 TOO_MANY_PIXELS = "too many pixels for NDS_MAX_IMAGE_PIXELS"
 

@@ -68,7 +68,7 @@ def search(
                 select(Sample.id, Sample.uri, Assignment.cluster)
                 .join(Dataset, Dataset.id == Sample.dataset_id)
                 .join(Assignment, (Assignment.sample_id == Sample.id) & (Assignment.index_version == Dataset.index_version))
-                .where(Sample.id.in_(ids))
+                .where(Sample.id.in_(ids), Dataset.backbone == backbone)  # the dataset's active space, not a new one being indexed
             ).all()
             show = ctx.shown_uri(principal)  # client keys see uris relative to the data roots
             found = {sid: (show(uri), cluster) for sid, uri, cluster in rows}

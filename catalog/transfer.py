@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import Integer, Table, func, select, text
 from sqlmodel import SQLModel
 
-from catalog.artifacts import TEMP_PREFIX
+from catalog.artifacts import is_temp_name
 from catalog.context import CatalogContext
 from catalog.errors import ConflictError
 from catalog.models import Assignment, Dataset, Sample
@@ -114,7 +114,7 @@ def copy_artifacts(source: CatalogContext, target: CatalogContext, report: Trans
     root = source.artifacts.root
     if not root.is_dir():
         return
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(TEMP_PREFIX))
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not is_temp_name(p.name))
     for i, path in enumerate(files, start=1):
         key = path.relative_to(root).as_posix()
         dest = target.artifacts.path(key)

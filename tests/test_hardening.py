@@ -217,9 +217,20 @@ def test_jobs_record_their_owner_and_worker(ctx):
     with session_scope(ctx.engine) as session:
         job = create_job(session, kind="register", dataset_id=None)
     assert job.owner == f"{socket.gethostname()}:{__import__('os').getpid()}"
-    assert mark_interrupted(ctx, reason="x") == []  # this process is alive: its job is not touched
-    with Session(ctx.engine) as session:
-        assert session.get(Job, job.id).status == JobStatus.queued
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        with session_scope(ctx.engine) as session:
+            other = create_job(session, kind="register", dataset_id=None)
+            other.owner = f"{socket.gethostname()}:{live.pid}"
+        # at start-up nothing of this process runs yet: a job naming its pid was left by an
+        # earlier process that had the same pid (a restarted container's pid 1); a live
+        # other process's job is not touched
+        assert [j.id for j in mark_interrupted(ctx, reason="x")] == [job.id]
+        with Session(ctx.engine) as session:
+            assert session.get(Job, other.id).status == JobStatus.queued
+    finally:
+        live.kill()
+        live.wait()
 
 
 # --------------------------------------------------------------------------- 5. abandoned index runs
@@ -377,3 +388,16 @@ def test_the_shared_backbone_never_trains_on_restricted_images_unless_the_operat
     with pytest.raises(JobFailed, match="only on unrestricted datasets"):
         sample_registered_images(ctx, 100, 16)
     ctx.close()
+
+
+def test_search_never_shows_points_outside_a_datasets_active_space(ctx):
+    """A dataset being re-indexed into another dataset's space has points there before its
+    new version commits: they are not hits of that space."""
+    moving = add_indexed_dataset(ctx, "moving", clusters=1, labels=["a"], samples_per_group=4)
+    add_indexed_dataset(ctx, "settled", clusters=1, labels=["a"], samples_per_group=4)
+    add_files_and_vectors(ctx, dim=8)  # both datasets' points in emb-synthetic
+    with session_scope(ctx.engine) as session:
+        session.get(Dataset, moving.dataset_id).backbone = "older"  # its active space is another one
+    vector = ctx.vectors.fetch_vectors("emb-synthetic", [1])[0].tolist()
+    hits = search(ctx, vectors=[vector], k=8, backbone="synthetic")["results"][0]
+    assert hits and {h["dataset"] for h in hits} == {"settled"}
