@@ -515,6 +515,7 @@ def query(
     datasets: Annotated[str | None, typer.Option(help="Comma-separated dataset ids to select from.")] = None,
     format: Annotated[str | None, typer.Option(help="csv, jsonl, parquet or imagefolder (default: from the output's suffix).")] = None,
     copy: Annotated[bool, typer.Option("--copy", help="imagefolder: copy the images instead of symlinking them.")] = False,
+    data_root: Annotated[Path | None, typer.Option(help="imagefolder: where this machine sees the server's data root (a client key's manifest names files relative to it).")] = None,
     token: Annotated[str | None, typer.Option(envvar="NDS_TOKEN", help="API key.")] = None,
 ) -> None:
     """Turn expert scores (and label priors) into a sampled training manifest."""
@@ -544,7 +545,7 @@ def query(
 
             with tempfile.TemporaryDirectory() as tmp:
                 manifest = client.manifest(result["id"], Path(tmp) / "manifest.jsonl")
-                made = build_tree(JsonlRows(manifest), output, copy=copy)
+                made = build_tree(JsonlRows(manifest), output, copy=copy, data_root=data_root)
             written = f"{output} ({made} files)"
         else:
             client.manifest(result["id"], output, format=fmt)

@@ -103,3 +103,25 @@ def test_tree_from_a_jsonl_manifest_names_folders_whatever_the_row_order(tmp_pat
         trees.append(json.loads((tmp_path / name / LABELS_FILE).read_text(encoding="utf-8")))
     assert trees[0] == trees[1] == {"Cat": "Cat", UNLABELLED: None, "cat~2": "cat", "猫": "猫"}
     assert sorted(p.name for p in (tmp_path / "fwd" / UNLABELLED).iterdir()) == ["d-3.png", "d-4.png"]
+
+
+def test_a_client_keys_relative_manifest_needs_the_data_root(tmp_path):
+    """Client keys get uris relative to the server's data roots (catalog.uris): the tree
+    resolves them against --data-root, and refuses them (writing nothing) without it."""
+    import pytest
+    from PIL import Image
+
+    from catalog.errors import InvalidInputError
+
+    root = tmp_path / "mnt"
+    (root / "pool").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(root / "pool" / "1.png")
+    rows = [{"key": "pool/1", "uri": "pool/1.png", "label": "a", "count": 1}]
+    with pytest.raises(InvalidInputError, match="relative to the server's data roots"):
+        build_tree(rows, tmp_path / "no-root")
+    assert not (tmp_path / "no-root").exists()
+    with pytest.raises(InvalidInputError, match="remote file"):
+        build_tree([{**rows[0], "uri": "s3://bucket/pool/1.png"}], tmp_path / "remote")
+    assert build_tree(rows, tmp_path / "tree", data_root=root) == 1
+    (link,) = (tmp_path / "tree" / "a").iterdir()
+    assert link.resolve() == (root / "pool" / "1.png").resolve()

@@ -53,8 +53,12 @@ def _label(row: Row) -> object:
     return None if label is None or label == "" else label
 
 
-def build_tree(rows: Iterable[Row], dest: Path, *, copy: bool = False) -> int:
+def build_tree(rows: Iterable[Row], dest: Path, *, copy: bool = False, data_root: Path | None = None) -> int:
     """Write the tree and ``labels.json``; returns the number of image files. DEST must be empty or absent.
+
+    A client key's manifest names files relative to the server's data roots
+    (``catalog.uris``): ``data_root`` is where this machine sees that root; without it
+    such a manifest is refused before anything is written (remote uris always are).
 
     ``rows`` is read twice (labels first, so that folder names do not depend on row
     order); a one-pass iterator is held in memory, a list or :class:`JsonlRows` is not.
@@ -64,12 +68,23 @@ def build_tree(rows: Iterable[Row], dest: Path, *, copy: bool = False) -> int:
         raise InvalidInputError(f"{dest} is not empty", field="output", hint="give a new or empty folder")
     if iter(rows) is rows:
         rows = list(rows)
+    for row in rows:
+        uri = str(row["uri"])
+        if "://" in uri and not uri.startswith("file://"):
+            raise InvalidInputError(f"the manifest names a remote file ({uri.split('://')[0]}://...)", field="format",
+                                    hint="an imagefolder tree links local files: export csv/jsonl/parquet and read it with your loader")
+        if not Path(uri).is_absolute() and data_root is None:
+            raise InvalidInputError("the manifest names files relative to the server's data roots", field="data_root",
+                                    hint="pass --data-root with the folder where this machine sees the server's data root")
     folders = label_folder_names({_label(row) for row in rows})
     dest.mkdir(parents=True, exist_ok=True)
     names: dict[str, UniqueNames] = {}
     made = 0
     for row in rows:
-        src = Path(row["uri"])
+        uri = str(row["uri"])
+        src = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+        if not src.is_absolute():
+            src = Path(data_root) / src
         folder_name = folders[_label(row)]
         folder = dest / folder_name
         if folder_name not in names:
