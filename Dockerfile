@@ -18,12 +18,15 @@ RUN apt-get update \
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY client ./client
 COPY catalog ./catalog
 COPY api ./api
 COPY workers ./workers
 COPY plugins ./plugins
 COPY migrations ./migrations
-RUN pip install .
+COPY samples ./samples
+# the client distribution first: the server depends on it (nds-client==0.1.0)
+RUN pip install ./client . 
 
 RUN useradd --system --uid 10001 --home-dir /var/lib/nds nds \
     && mkdir -p /var/lib/nds/artifacts /data \

@@ -8,10 +8,10 @@ DEMO_DIR ?= demo-output
 
 .PHONY: install demo test test-fast lint services-install bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml client/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e ./client -e '.[dev]'
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -31,7 +31,7 @@ test-fast: install lint
 
 demo: install
 	rm -rf $(DEMO_DIR) && mkdir -p $(DEMO_DIR)
-	cd $(DEMO_DIR) && NDS_HOME=.nds NDS_DATA_ROOTS=. ../$(PY) -m api.demo
+	cd $(DEMO_DIR) && NDS_HOME=.nds NDS_DATA_ROOTS=. ../$(PY) -m nds.api.demo
 
 bench: install
 	for b in registration hostile_files onnx_parity vectors indexing client retrieval selection fuzz load; do $(PY) -m benchmarks.$$b || exit 1; done

@@ -9,19 +9,19 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from sqlmodel import Session
 
-from api.dispatch import make_dispatcher
-from api.errors import install_error_handlers
-from api.hosts import AllowedHosts
-from api.limits import BodySizeLimit
-from api.routes import backbones, datasets, experts, jobs, keys, queries
-from api.schemas import Health
-from catalog.access import api_is_open
-from catalog.context import CatalogContext
-from catalog.db import current_revision
-from catalog.indexing import restore_interrupted_indexing
-from catalog.jobs import mark_interrupted
-from catalog.registration import remove_interrupted_registrations
-from catalog.settings import Settings, load_settings
+from nds.api.dispatch import make_dispatcher
+from nds.api.errors import install_error_handlers
+from nds.api.hosts import AllowedHosts
+from nds.api.limits import BodySizeLimit
+from nds.api.routes import backbones, datasets, experts, jobs, keys, queries
+from nds.api.schemas import Health
+from nds.catalog.access import api_is_open
+from nds.catalog.context import CatalogContext
+from nds.catalog.db import current_revision
+from nds.catalog.indexing import restore_interrupted_indexing
+from nds.catalog.jobs import mark_interrupted
+from nds.catalog.registration import remove_interrupted_registrations
+from nds.catalog.settings import Settings, load_settings
 
 log = logging.getLogger("nds.api")
 

@@ -22,9 +22,9 @@ import typer
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from api.console import SafeTable as Table  # escapes every title, header and string cell: names and labels are untrusted
-from api.console import clean, err, fail, handles_errors, out, safe
-from catalog.settings import Settings, load_settings
+from nds.catalog.settings import Settings, load_settings
+from nds_client.console import SafeTable as Table  # escapes every title, header and string cell: names and labels are untrusted
+from nds_client.console import clean, err, fail, handles_errors, out, safe
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False, help="Neural Data Server: find the source data worth pre-training on.")
 db_app = typer.Typer(no_args_is_help=True, help="Create, upgrade and inspect the catalog schema.")
@@ -50,7 +50,7 @@ def settings() -> Settings:
 
 @contextmanager
 def open_ctx(check: bool = True) -> Iterator[Any]:
-    from catalog.context import CatalogContext
+    from nds.catalog.context import CatalogContext
 
     ctx = CatalogContext.open(settings(), check=check)
     try:
@@ -70,7 +70,7 @@ def print_json(data: Any) -> None:
 @handles_errors
 def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
     """Create or upgrade the catalog schema (the only way tables are made)."""
-    from catalog.db import upgrade
+    from nds.catalog.db import upgrade
 
     s = settings()
     rev = upgrade(s, revision)
@@ -81,7 +81,7 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")]
 @handles_errors
 def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision, e.g. 'base' or '-1'.")]) -> None:
     """Downgrade the catalog schema (drops data of the tables removed)."""
-    from catalog.db import downgrade
+    from nds.catalog.db import downgrade
 
     rev = downgrade(settings(), revision)
     out.print(f"catalog at revision [bold]{safe(rev or 'base')}[/]")
@@ -91,7 +91,7 @@ def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision, 
 @handles_errors
 def db_current() -> None:
     """Print the schema revision of the catalog and the one this code expects."""
-    from catalog.db import create_db_engine, current_revision, head_revision
+    from nds.catalog.db import create_db_engine, current_revision, head_revision
 
     engine = create_db_engine(settings())
     try:
@@ -114,9 +114,9 @@ def db_copy_to(
 
     The source is the catalog the NDS_* settings point at (usually the embedded default
     under NDS_HOME); stop the processes that write to it first."""
-    from catalog.context import CatalogContext
-    from catalog.db import upgrade
-    from catalog.transfer import copy_catalog
+    from nds.catalog.context import CatalogContext
+    from nds.catalog.db import upgrade
+    from nds.catalog.transfer import copy_catalog
 
     if qdrant_url is None and home is None:
         raise fail("give --qdrant-url (server mode) or --home (Qdrant Edge under that folder) for the vectors")
@@ -170,7 +170,7 @@ def datasets_add(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Register a source dataset: scan it, store one row per image, print a summary."""
-    from catalog.registration import RegistrationRequest, start_registration
+    from nds.catalog.registration import RegistrationRequest, start_registration
 
     with open_ctx() as ctx:
         dataset, job = start_registration(
@@ -196,9 +196,9 @@ def datasets_add(
 
 def run_with_progress(ctx: Any, job: Any, label: str, *, quiet: bool = False) -> Any:
     """Run a job (inline in the embedded default, on a worker in server mode) with a progress bar."""
-    import catalog.job_kinds  # noqa: F401 - every job kind registered, for the inline runner
-    from catalog.db import session_scope
-    from catalog.jobs import InlineDispatcher, get_job
+    import nds.catalog.job_kinds  # noqa: F401 - every job kind registered, for the inline runner
+    from nds.catalog.db import session_scope
+    from nds.catalog.jobs import InlineDispatcher, get_job
 
     progress = Progress(
         TextColumn("[bold]{task.description}"), TextColumn("{task.fields[step]}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
@@ -228,8 +228,8 @@ def run_with_progress(ctx: Any, job: Any, label: str, *, quiet: bool = False) ->
 def queue_on_workers(ctx: Any, job: Any) -> None:
     """Server mode: send the job to the workers; when it cannot be queued (broker down) the
     job fails, what starting it did is undone, and the error is raised."""
-    from api.dispatch import CeleryDispatcher
-    from catalog.jobs import submit_or_undo
+    from nds.api.dispatch import CeleryDispatcher
+    from nds.catalog.jobs import submit_or_undo
 
     dispatcher = CeleryDispatcher(ctx.settings.broker_url)
     try:
@@ -239,7 +239,7 @@ def queue_on_workers(ctx: Any, job: Any) -> None:
 
 
 def _dataset_json(dataset: Any) -> dict:
-    from catalog.models import DatasetPublic
+    from nds.catalog.tables import DatasetPublic
 
     return DatasetPublic.model_validate(dataset).model_dump(mode="json")
 
@@ -250,7 +250,7 @@ def datasets_list(as_json: Annotated[bool, typer.Option("--json", help="Print JS
     """List registered datasets."""
     from sqlmodel import Session
 
-    from catalog.datasets import list_datasets
+    from nds.catalog.datasets import list_datasets
 
     with open_ctx() as ctx, Session(ctx.engine) as session:
         rows, count = list_datasets(session=session, offset=0, limit=2**31)
@@ -274,7 +274,7 @@ def datasets_show(
     """Show one dataset."""
     from sqlmodel import Session
 
-    from catalog.datasets import find_dataset
+    from nds.catalog.datasets import find_dataset
 
     with open_ctx() as ctx, Session(ctx.engine) as session:
         data = _dataset_json(find_dataset(session=session, ref=name))
@@ -293,7 +293,7 @@ def datasets_rm(name: Annotated[str, typer.Argument(help="Dataset name, or id (a
     """Remove a dataset's catalog rows and vectors (its files on disk are left alone)."""
     from sqlmodel import Session
 
-    from catalog.datasets import delete_dataset, find_dataset
+    from nds.catalog.datasets import delete_dataset, find_dataset
 
     with open_ctx() as ctx:
         with Session(ctx.engine) as session:
@@ -324,9 +324,9 @@ def datasets_unrestrict(
 
 
 def _set_access(name: str, *, restricted: bool, keys: list[str], as_json: bool) -> None:
-    from catalog.access import set_access
-    from catalog.datasets import find_dataset
-    from catalog.db import session_scope
+    from nds.catalog.access import set_access
+    from nds.catalog.datasets import find_dataset
+    from nds.catalog.db import session_scope
 
     with open_ctx() as ctx, session_scope(ctx.engine) as session:
         dataset, granted = set_access(session=session, dataset_id=find_dataset(session=session, ref=name).id, restricted=restricted, keys=keys)
@@ -350,9 +350,9 @@ def keys_create(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (the key included).")] = False,
 ) -> None:
     """Create an API key and print it once: only its hash is stored."""
-    from catalog.access import create_key
-    from catalog.db import session_scope
-    from catalog.models import ApiKeyCreated, ApiKeyPublic
+    from nds.catalog.access import create_key
+    from nds.catalog.db import session_scope
+    from nds.catalog.tables import ApiKeyCreated, ApiKeyPublic
 
     with open_ctx() as ctx, session_scope(ctx.engine) as session:
         key, secret = create_key(session=session, name=name, role=role)
@@ -374,8 +374,8 @@ def keys_list(
     """List API keys (names, roles, prefixes; never the keys)."""
     from sqlmodel import Session
 
-    from catalog.access import list_keys
-    from catalog.models import ApiKeyPublic
+    from nds.catalog.access import list_keys
+    from nds.catalog.tables import ApiKeyPublic
 
     with open_ctx() as ctx, Session(ctx.engine) as session:
         keys = [ApiKeyPublic.model_validate(k).model_dump(mode="json") for k in list_keys(session=session, include_revoked=include_revoked)]
@@ -394,8 +394,8 @@ def keys_list(
 @handles_errors
 def keys_revoke(name: Annotated[str, typer.Argument(help="Key name, or id (an all-digit argument is an id).")]) -> None:
     """Revoke a key: it stops working at once and loses its dataset grants."""
-    from catalog.access import active_admin_keys, revoke_key
-    from catalog.db import session_scope
+    from nds.catalog.access import active_admin_keys, revoke_key
+    from nds.catalog.db import session_scope
 
     with open_ctx() as ctx, session_scope(ctx.engine) as session:
         key = revoke_key(session=session, ref=name)
@@ -428,8 +428,8 @@ def index(
     """Embed, cluster, train rotation experts and a label classifier, export them to ONNX."""
     from sqlmodel import Session
 
-    from catalog.datasets import find_dataset
-    from catalog.indexing import IndexRequest, start_indexing
+    from nds.catalog.datasets import find_dataset
+    from nds.catalog.indexing import IndexRequest, start_indexing
 
     request = IndexRequest(clusters=clusters, partition=partition, backbone=backbone, weights=weights,
                            image_size=image_size, epochs=epochs, width=width, seed=seed, min_steps=min_steps)
@@ -470,10 +470,10 @@ def experts_list(
     """List the experts of every dataset's active index."""
     from sqlmodel import Session
 
-    from catalog.datasets import find_dataset, list_datasets
-    from catalog.errors import InvalidInputError
-    from catalog.experts import list_experts
-    from catalog.models import ExpertKind, ExpertPublic
+    from nds.catalog.datasets import find_dataset, list_datasets
+    from nds.catalog.experts import list_experts
+    from nds.catalog.tables import ExpertKind, ExpertPublic
+    from nds_client.errors import InvalidInputError
 
     try:
         kind_value = ExpertKind(kind) if kind else None
@@ -521,8 +521,8 @@ def query(
     """Turn expert scores (and label priors) into a sampled training manifest."""
     import tempfile
 
-    from api.client import NDSClient, Scores
-    from catalog.errors import InvalidInputError
+    from nds_client.client import NDSClient, Scores
+    from nds_client.errors import InvalidInputError
 
     fmt = format or MANIFEST_FORMATS.get(output.suffix.lower())
     if fmt is None:
@@ -541,7 +541,7 @@ def query(
             temperature=temperature, datasets=dataset_ids, seed=seed, target_size=loaded.num_images, score_method=loaded.method,
         )
         if fmt == "imagefolder":
-            from plugins.exporters.imagefolder import JsonlRows, build_tree
+            from nds.plugins.exporters.imagefolder import JsonlRows, build_tree
 
             with tempfile.TemporaryDirectory() as tmp:
                 manifest = client.manifest(result["id"], Path(tmp) / "manifest.jsonl")
@@ -581,8 +581,8 @@ def jobs_show(job_id: str) -> None:
     """Print a job as JSON."""
     from sqlmodel import Session
 
-    from catalog.jobs import get_job
-    from catalog.models import JobPublic
+    from nds.catalog.jobs import get_job
+    from nds.catalog.tables import JobPublic
 
     with open_ctx() as ctx, Session(ctx.engine) as session:
         print_json(JobPublic.model_validate(get_job(session, job_id)).model_dump(mode="json"))
@@ -601,7 +601,7 @@ def artifacts_gc(
     """Remove the expert, backbone and query files that no catalog row refers to, and dead writers' temp files.
 
     Safe while the server and workers run: files younger than the grace period, and those of datasets being indexed, are kept."""
-    from catalog.artifact_gc import DEFAULT_GRACE_SECONDS, gc
+    from nds.catalog.artifact_gc import DEFAULT_GRACE_SECONDS, gc
 
     with open_ctx() as ctx:
         report = gc(ctx, dry_run=dry_run, grace_seconds=DEFAULT_GRACE_SECONDS if grace is None else grace)
@@ -621,7 +621,7 @@ def artifacts_gc(
 @handles_errors
 def plugins_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """List the installed source, backbone and exporter plugins."""
-    from plugins.registry import all_registries
+    from nds.plugins.registry import all_registries
 
     infos = [info for registry in all_registries() for info in registry.infos()]
     if as_json:
@@ -655,9 +655,9 @@ def serve(
         raise fail("several workers need server mode", "the embedded store is single-process: set NDS_DATABASE_URL, NDS_QDRANT_URL and NDS_BROKER_URL")
     from sqlmodel import Session
 
-    from catalog.access import api_is_open
-    from catalog.context import CatalogContext
-    from catalog.db import check_schema
+    from nds.catalog.access import api_is_open
+    from nds.catalog.context import CatalogContext
+    from nds.catalog.db import check_schema
 
     probe = CatalogContext(s)
     try:
@@ -677,15 +677,15 @@ def serve(
         err.print("[bold yellow]warning:[/] the API is open: no API key exists, so every request acts as an admin "
                   "('nds keys create --role admin --name NAME' closes it)", highlight=False)
     if workers > 1:
-        uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers, log_level=log_level)
+        uvicorn.run("nds.api.app:create_app", factory=True, host=host, port=port, workers=workers, log_level=log_level)
     else:
-        from api.app import create_app
+        from nds.api.app import create_app
 
         uvicorn.run(create_app(s), host=host, port=port, log_level=log_level)
 
 
 def _is_loopback(host: str) -> bool:
-    from api.hosts import host_name, is_loopback
+    from nds.api.hosts import host_name, is_loopback
 
     return is_loopback(host_name(host))
 
@@ -702,7 +702,7 @@ def worker(
     if not s.broker_url:
         raise fail("NDS_BROKER_URL is not set", "workers are for server mode; the embedded default runs jobs in-process")
     argv = [
-        sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
+        sys.executable, "-m", "celery", "-A", "nds.workers.celery_app", "worker",
         "--queues", queues, "--concurrency", str(concurrency), "--prefetch-multiplier", "1",
         "--loglevel", loglevel, "--without-gossip", "--without-mingle",
     ]
@@ -710,7 +710,7 @@ def worker(
 
 
 def _register_client_commands() -> None:
-    from api.cli_client import register
+    from nds_client.cli import register
 
     register(app)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from api.local_server import LocalServer
+from nds.api.local_server import LocalServer
 
 console = Console()
 NDS = str(Path(sys.executable).with_name("nds"))
@@ -40,7 +40,7 @@ def nds(*args: str) -> None:
 
 
 def main() -> int:
-    from catalog.sample_domains import build_pool, build_target
+    from nds.samples.domains import build_pool, build_target
 
     here = Path.cwd()
     console.rule("Neural Data Server demo (embedded default: SQLite + Qdrant Edge + in-process jobs)")

@@ -11,11 +11,11 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session
 
-from api.hosts import SAFE_METHODS, host_name, origin_trusted, trusted
-from catalog.access import LOCAL, MAX_ID, Principal, api_is_open, authenticate, require_admin
-from catalog.context import CatalogContext
-from catalog.errors import AuthenticationError
-from catalog.jobs import Dispatcher
+from nds.api.hosts import SAFE_METHODS, host_name, origin_trusted, trusted
+from nds.catalog.access import LOCAL, MAX_ID, Principal, api_is_open, authenticate, require_admin
+from nds.catalog.context import CatalogContext
+from nds.catalog.jobs import Dispatcher
+from nds_client.errors import AuthenticationError
 
 log = logging.getLogger("nds.api")
 
@@ -65,7 +65,7 @@ def get_principal(
     api_key: Annotated[str | None, Depends(api_key_scheme)],
 ) -> Principal:
     """The key's principal; without a key, LOCAL while the API runs open (the catalog has
-    never had a key), and only for requests addressed to a trusted host (api.hosts).
+    never had a key), and only for requests addressed to a trusted host (nds.api.hosts).
 
     Once this process has seen the API closed it never opens again, whatever the rows say."""
     secret = bearer.credentials if bearer is not None else api_key

@@ -1,17 +1,17 @@
 """Pick how jobs run: a background thread (embedded default) or Celery (server mode).
 
-The API enqueues Celery tasks by name and queue, both taken from ``workers.queues`` (plain
+The API enqueues Celery tasks by name and queue, both taken from ``nds.workers.queues`` (plain
 constants): it never imports the worker's Celery application or its tasks.
 """
 
 from __future__ import annotations
 
-import catalog.job_kinds  # noqa: F401 - every job kind registered, for the in-process runner
-from catalog.context import CatalogContext
-from catalog.errors import ServiceUnavailableError
-from catalog.jobs import Dispatcher, ThreadDispatcher
-from catalog.models import Job
-from workers.queues import RUN_JOB_TASK, queue_for
+import nds.catalog.job_kinds  # noqa: F401 - every job kind registered, for the in-process runner
+from nds.catalog.context import CatalogContext
+from nds.catalog.jobs import Dispatcher, ThreadDispatcher
+from nds.catalog.tables import Job
+from nds.workers.queues import RUN_JOB_TASK, queue_for
+from nds_client.errors import ServiceUnavailableError
 
 
 class CeleryDispatcher:

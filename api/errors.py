@@ -13,8 +13,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from catalog.db import unavailable_database
-from catalog.errors import (
+from nds.catalog.db import unavailable_database
+from nds_client.errors import (
     AuthenticationError,
     ConflictError,
     GoneError,

@@ -7,8 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from catalog.access import MAX_ID
-from catalog.models import DatasetPublic
+from nds.catalog.access import MAX_ID
+from nds.catalog.tables import DatasetPublic
 
 Id = Annotated[int, Field(ge=0, le=MAX_ID)]  # a catalog id (64-bit)
 

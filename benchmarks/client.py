@@ -2,13 +2,13 @@
 
     .venv/bin/python -m benchmarks.client [--quick] [--images 1000] [--experts 50] [--r18-images 1000]
 
-1. **target**: ``--images`` handwritten digits (``catalog.sample_domains.build_domain("digits",
+1. **target**: ``--images`` handwritten digits (``nds.samples.domains.build_domain("digits",
    n, size=32)``) written as PNGs.
 2. **experts**: ``--experts`` rotation networks exactly as the indexing pipeline makes them
-   (``catalog.nets.NarrowResNet``, width 16, blocks (1, 1, 1), 64 px input, random init: cost
-   does not depend on the weights), exported with :func:`catalog.onnx_export.export_onnx`
+   (``nds.catalog.model.nets.NarrowResNet``, width 16, blocks (1, 1, 1), 64 px input, random init: cost
+   does not depend on the weights), exported with :func:`nds.catalog.model.export.export_onnx`
    into a temporary cache as ``<sha256>.onnx``.
-3. **our client**: :meth:`api.client.NDSClient.score` (method ``rotation``) on the PNG folder,
+3. **our client**: :meth:`nds_client.client.NDSClient.score` (method ``rotation``) on the PNG folder,
    timed by its progress events: opening the sessions, (a) preprocessing (decode + centre
    crop + resize to 64 px, once per image, shared by every expert) and (b) inference
    (4 rotations x images x experts, batches of 256 images). Target: (a) + (b) under 60 s.
@@ -50,7 +50,7 @@ def _machine() -> str:
 
 
 def make_target(work: Path, n: int) -> Path:
-    from catalog.sample_domains import build_domain, write_image_folder
+    from nds.samples.domains import build_domain, write_image_folder
 
     return write_image_folder(build_domain("digits", n, size=32, seed=0, variant="target"), work / "target")
 
@@ -58,7 +58,7 @@ def make_target(work: Path, n: int) -> Path:
 def _export(model, net, meta: dict, cache: Path, atol: float = 1e-4) -> tuple[str, Path]:
     import json
 
-    from catalog.onnx_export import export_onnx
+    from nds.catalog.model.export import export_onnx
 
     tmp = cache / "exporting.onnx"
     export_onnx(model, net, metadata={k: json.dumps(v) for k, v in meta.items()}, path=tmp, atol=atol)
@@ -72,9 +72,9 @@ def export_experts(cache: Path, k: int):
     """k rotation experts as the indexing pipeline exports them; LocalExpert records for the client."""
     import torch
 
-    from api.client import LocalExpert
-    from catalog.indexing import EXPERT_MEAN, EXPERT_STD
-    from catalog.nets import NetConfig, build_net
+    from nds.catalog.indexing import EXPERT_MEAN, EXPERT_STD
+    from nds.catalog.model.nets import NetConfig, build_net
+    from nds_client.client import LocalExpert
 
     net = NetConfig(width=16, blocks=(1, 1, 1), feature_dim=128, num_outputs=4, input_size=EXPERT_SIZE)
     experts = []
@@ -97,9 +97,9 @@ def export_resnet18(cache: Path):
     import torchvision
     from torch import nn
 
-    from api.client import LocalExpert
-    from catalog.indexing import EXPERT_MEAN, EXPERT_STD
-    from catalog.nets import NetConfig
+    from nds.catalog.indexing import EXPERT_MEAN, EXPERT_STD
+    from nds.catalog.model.nets import NetConfig
+    from nds_client.client import LocalExpert
 
     class ResNet18Expert(nn.Module):
         def __init__(self) -> None:
@@ -123,7 +123,7 @@ def export_resnet18(cache: Path):
 
 def timed_score(images, experts, batch_size: int) -> dict:
     """NDSClient.score on ``images``, split by its progress events into sessions / preprocessing / inference."""
-    from api.client import NDSClient
+    from nds_client.client import NDSClient
 
     first: dict[str, float] = {}
     cpu: dict[str, float] = {}
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"setup: {args.images} PNGs in {made_s:.1f} s, {args.experts} experts exported in {export_s:.1f} s", highlight=False)
 
         ours = timed_score(target, experts, batch_size=256)
-        from catalog.images import list_image_files
+        from nds_client.images import list_image_files
 
         subset = list_image_files(target)[: args.r18_images]
         theirs = timed_score(subset, [r18], batch_size=32)

@@ -54,13 +54,13 @@ def fuzz_app(work: Path) -> Iterator[tuple[object, dict[str, str]]]:
     """The app over a small but complete catalog, and the headers of an admin."""
     from fastapi.testclient import TestClient
 
-    from api.app import create_app
-    from catalog import access
-    from catalog.context import CatalogContext
-    from catalog.db import session_scope, upgrade
-    from catalog.retrieval import QueryRequest, run_query
-    from catalog.settings import load_settings
-    from catalog.synthetic import add_files_and_vectors, add_indexed_dataset
+    from nds.api.app import create_app
+    from nds.catalog import access
+    from nds.catalog.context import CatalogContext
+    from nds.catalog.db import session_scope, upgrade
+    from nds.catalog.retrieval.queries import QueryRequest, run_query
+    from nds.catalog.settings import load_settings
+    from nds.samples.synthetic import add_files_and_vectors, add_indexed_dataset
 
     data = work / "data"
     data.mkdir(parents=True, exist_ok=True)

@@ -10,11 +10,11 @@ reports its peak RSS (VmHWM) and its growth over the process's RSS before the st
 
 * registration: the old way (the file read whole, Pillow opened on a bytes copy, a 2^28
   pixel cap, a full decode: the scan as it was before NDS_MAX_FILE_BYTES and
-  NDS_MAX_IMAGE_PIXELS, copied here) vs ours, ``catalog.registration.scan_one`` with the
+  NDS_MAX_IMAGE_PIXELS, copied here) vs ours, ``nds.catalog.registration.scan_one`` with the
   default settings, and ours with the caps raised to admit the file (hashed in 1 MiB
   chunks; decoded from the file);
 * indexing (decode to 64 x 64, the default image size): the old way (full decode, RGB copy,
-  crop, resize) vs ours, ``catalog.images.load_images`` with the default cap, and with the
+  crop, resize) vs ours, ``nds_client.images.load_images`` with the default cap, and with the
   cap raised to admit the PNG (decoded once, shrunk by an integer factor, no full-size copy);
 * end to end: ``nds datasets add`` of a manifest listing both files and one small image, on
   a fresh NDS_HOME; with ``--old-tree DIR`` (e.g. ``git archive <rev> | tar -x -C DIR``) the
@@ -51,7 +51,7 @@ def _status_kib(field: str) -> int | None:
 
 
 def _old_scan(path: Path) -> str:
-    """The registration scan of one file before the caps (catalog.registration.scan_one)."""
+    """The registration scan of one file before the caps (nds.catalog.registration.scan_one)."""
     from PIL import Image, UnidentifiedImageError
 
     data = path.read_bytes()
@@ -72,10 +72,10 @@ def _old_scan(path: Path) -> str:
 
 
 def _old_load(path: Path, size: int) -> str:
-    """The indexing decode of one file before the cap (catalog.images.load_image)."""
+    """The indexing decode of one file before the cap (nds_client.images.load_image)."""
     from PIL import Image, UnidentifiedImageError
 
-    from catalog.images import square_resize
+    from nds_client.images import square_resize
 
     try:
         with Image.open(path) as im:
@@ -93,9 +93,9 @@ def _child(step: str, path: Path, max_file_bytes: int | None, max_pixels: int | 
     warnings.simplefilter("ignore")  # Pillow's DecompressionBombWarning above 89.5 Mpx
     import PIL.Image  # noqa: F401 - imports are in the baseline, not the step
 
-    from catalog.images import DEFAULT_MAX_IMAGE_PIXELS, load_images
-    from catalog.registration import DEFAULT_MAX_FILE_BYTES, scan_one
-    from plugins.sources.base import SourceItem
+    from nds.catalog.registration import DEFAULT_MAX_FILE_BYTES, scan_one
+    from nds.plugins.sources.base import SourceItem
+    from nds_client.images import DEFAULT_MAX_IMAGE_PIXELS, load_images
 
     before = _status_kib("VmRSS")
     start = time.perf_counter()
@@ -146,7 +146,7 @@ def add_manifest(work: Path, manifest: Path, tag: str, tree: Path | None) -> dic
     if tree is not None:
         env["PYTHONPATH"] = str(tree)
         cwd = tree
-    cli = [sys.executable, "-W", "ignore", "-c", "from api.cli import app; app()"]
+    cli = [sys.executable, "-W", "ignore", "-c", "from nds.api.cli import app; app()"]
     subprocess.run([*cli, "db", "upgrade"], env=env, cwd=cwd, check=True, capture_output=True)
     done = subprocess.run([sys.executable, "-c", PEAK, *cli, "datasets", "add", tag, str(manifest), "--source", "manifest", "--json"],
                           env=env, cwd=cwd, capture_output=True, text=True, check=True)
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from catalog.settings import load_settings
+    from nds.catalog.settings import load_settings
 
     defaults = load_settings()
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,13 +4,13 @@
 
 1. **embedding**: the default backbone's network (a random-init ``NarrowResNet``, width 16,
    blocks (1, 1, 1), feature_dim 128, 64 px) over the same 2,000 random 64x64 images at batch
-   256, exported with :func:`catalog.onnx_export.export_onnx` and run with onnxruntime
-   (:func:`catalog.onnx_runtime.create_session` + ``run``, what the server does) versus torch
-   eager (:func:`catalog.training.embed`), in the same run.
-2. **vector upsert**: 100,000 points of dim 128 into a fresh :class:`catalog.vectors.EdgeVectorStore`
+   256, exported with :func:`nds.catalog.model.export.export_onnx` and run with onnxruntime
+   (:func:`nds_client.runtime.create_session` + ``run``, what the server does) versus torch
+   eager (:func:`nds.catalog.model.training.embed`), in the same run.
+2. **vector upsert**: 100,000 points of dim 128 into a fresh :class:`nds.catalog.vectors.EdgeVectorStore`
    (the points of :mod:`benchmarks.vectors`). Target: under 5 s.
 3. **k-means** of 100,000 random unit vectors of dim 128 with faiss, as
-   :func:`catalog.indexing.partition` does it (spherical, 25 iterations, then one assignment
+   :func:`nds.catalog.indexing.partition` does it (spherical, 25 iterations, then one assignment
    search), for K = 8 and K = 64; next to it scikit-learn's ``KMeans`` (the naive way).
 4. **`nds index`** of a 10,000-image, 10-label dataset with K = 8 and the CLI defaults (image
    size 64, epochs 8, width 16), in a fresh ``NDS_HOME``, each command a new process as a user
@@ -60,11 +60,11 @@ def bench_embedding(work: Path, n_images: int, batch: int = 256, repeats: int = 
     import onnxruntime as ort
     import torch
 
-    from catalog.nets import NetConfig, build_net
-    from catalog.onnx_export import export_onnx
-    from catalog.onnx_runtime import active_provider, create_session, run
-    from catalog.training import embed
-    from plugins.backbones.base import IMAGENET_MEAN, IMAGENET_STD, normalize_rows, to_nchw
+    from nds.catalog.model.export import export_onnx
+    from nds.catalog.model.nets import NetConfig, build_net
+    from nds.catalog.model.training import embed
+    from nds.plugins.backbones.base import IMAGENET_MEAN, IMAGENET_STD, normalize_rows, to_nchw
+    from nds_client.runtime import active_provider, create_session, run
 
     net = NetConfig(width=16, blocks=(1, 1, 1), feature_dim=128, num_outputs=4, input_size=64)
     torch.manual_seed(0)
@@ -115,7 +115,7 @@ def bench_embedding(work: Path, n_images: int, batch: int = 256, repeats: int = 
 
 
 def bench_upsert(work: Path, n: int, dim: int = 128) -> dict:
-    from catalog.vectors import EdgeVectorStore
+    from nds.catalog.vectors import EdgeVectorStore
 
     ids, vectors, payloads = vector_points(n, dim)
     store = EdgeVectorStore(work / "edge")
@@ -139,7 +139,7 @@ def _unit_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
 
 
 def faiss_kmeans(x: np.ndarray, k: int, **extra) -> tuple[float, float]:
-    """Seconds for train + assignment search, the way catalog.indexing.partition does it; and the objective."""
+    """Seconds for train + assignment search, the way nds.catalog.indexing.partition does it; and the objective."""
     import faiss
 
     t = time.perf_counter()
@@ -186,7 +186,7 @@ def bench_kmeans(n: int, dim: int = 128, repeats: int = 3) -> dict:
 
 def write_dataset(root: Path, n_images: int, size: int = 32) -> dict:
     """10 labels; label k holds MNIST digit k and glyph letter 'ABCDEFGHIJ'[k] (40% / 60%)."""
-    from catalog.sample_domains import GLYPH_LETTERS, build_domain
+    from nds.samples.domains import GLYPH_LETTERS, build_domain
 
     per_label = n_images // 10
     n_digits = min(400, round(per_label * 0.4))  # MNIST source variant: 400 images per digit
@@ -249,7 +249,7 @@ def bench_index(work: Path, n_images: int, *, clusters: int, epochs: int | None)
 def expert_train_seconds(artifacts: Path) -> dict[int | None, float]:
     """{cluster (None: the classifier): training seconds}, read from the exported models' metadata
     (no catalog access, so a schema change by someone else meanwhile cannot break the report)."""
-    from catalog.onnx_runtime import read_metadata
+    from nds_client.runtime import read_metadata
 
     out: dict[int | None, float] = {}
     for path in sorted(artifacts.glob("experts/*/*.onnx")):

@@ -33,10 +33,10 @@ SERVICES = ROOT / "tests" / "services.sh"
 
 
 def build_catalog(settings, n: int) -> tuple[dict[str, float], str]:  # noqa: ANN001 - Settings
-    from catalog import access
-    from catalog.context import CatalogContext
-    from catalog.db import session_scope, upgrade
-    from catalog.synthetic import add_indexed_dataset
+    from nds.catalog import access
+    from nds.catalog.context import CatalogContext
+    from nds.catalog.db import session_scope, upgrade
+    from nds.samples.synthetic import add_indexed_dataset
 
     upgrade(settings)
     rng = np.random.default_rng(0)
@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from api.local_server import LocalServer
-    from catalog.settings import load_settings
+    from nds.api.local_server import LocalServer
+    from nds.catalog.settings import load_settings
     from tests.services import Services
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

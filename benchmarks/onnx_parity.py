@@ -2,16 +2,16 @@
 
     .venv/bin/python -m benchmarks.onnx_parity [--quick] [--seeds 0,1,2,3] [--steps 0,30,150] [--out DIR]
 
-Trains networks as indexing does (:func:`catalog.training.train_rotation` and
-:func:`~catalog.training.train_classifier` with ``TrainConfig`` defaults: bfloat16 autocast
+Trains networks as indexing does (:func:`nds.catalog.model.training.train_rotation` and
+:func:`~nds.catalog.model.training.train_classifier` with ``TrainConfig`` defaults: bfloat16 autocast
 on CPUs that compute it natively, AdamW, augmentation; width 16, 64 px, one block per stage)
 on 2 labels x 20 images of several kinds (``stripes``: the binary grey stripes of the tests'
-PNGs, ``noise``, ``digits`` and ``photos`` from :mod:`catalog.sample_domains`), for several
+PNGs, ``noise``, ``digits`` and ``photos`` from :mod:`nds.samples.domains`), for several
 seeds, untrained (0 steps), briefly and as long as indexing's ``min_steps`` (150). Each
 classifier is also exported with its head scaled x30 (``cls x30``: logits of 30-300, a
-confident classifier). Every network goes through :func:`catalog.onnx_export.export_onnx`
+confident classifier). Every network goes through :func:`nds.catalog.model.export.export_onnx`
 (with the check turned off, so every export is measured) and then through the check's own
-measurement (:func:`catalog.onnx_export.parity_differences`, fresh N(0, 1) inputs at batch
+measurement (:func:`nds.catalog.model.export.parity_differences`, fresh N(0, 1) inputs at batch
 sizes 1 and 7) 4 times: with the check's inputs and 3 other draws.
 
 For each output (``logits``, ``features``) it reports the distribution over exports of the
@@ -30,7 +30,7 @@ corrupted exports of the same networks, made by editing the exported graph's ini
 
 Columns ``fail old`` / ``fail new``: how many exports the old rule (``max|diff| <= 1e-4``
 absolute) and the current one (``|diff| <= PARITY_ATOL + PARITY_RTOL * max|out|`` per output,
-:func:`catalog.onnx_export.parity_tolerances`) reject. A correct export must never fail and a corrupted one always should.
+:func:`nds.catalog.model.export.parity_tolerances`) reject. A correct export must never fail and a corrupted one always should.
 
 ``--quick``: width 8, 32 px, stripes and digits, 2 seeds, 0 and 20 steps (about a minute).
 ``--out DIR`` writes ``results.md`` (the tables) and ``results.json`` (every measurement).
@@ -76,7 +76,7 @@ class Plan:
 def _machine() -> str:
     import torch
 
-    from catalog.training import cpu_has_native_bf16
+    from nds.catalog.model.training import cpu_has_native_bf16
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (
@@ -98,7 +98,7 @@ def images_for(kind: str, n_per_label: int, size: int, seed: int) -> tuple[np.nd
     if kind == "noise":
         scale = np.where(labels == 0, 255, 128)[:, None, None, None]
         return (rng.random((2 * n_per_label, size, size, 3)) * scale).astype(np.uint8), labels
-    from catalog.sample_domains import build_domain
+    from nds.samples.domains import build_domain
 
     domain = build_domain(kind, 4 * n_per_label, size=size, seed=seed)
     names = sorted(set(domain.labels.tolist()))[:2]
@@ -162,7 +162,7 @@ def measure(model, onnx_source, size: int) -> dict[str, dict]:
     """Per output, over ``DRAWS`` checks (batch 1 and 7 each, the first with the export's own
     inputs): the worst absolute difference, the scale (max|torch output|), the worst
     relative difference, and difference / tolerance under the current and the old rule."""
-    from catalog.onnx_export import ParityError, parity_differences, parity_tolerances
+    from nds.catalog.model.export import ParityError, parity_differences, parity_tolerances
 
     out: dict[str, dict] = {name: {"abs": 0.0, "scale": 0.0, "rel": 0.0, "ratio": 0.0, "ratio_old": 0.0, "draws": []} for name in ("logits", "features")}
     for k in range(DRAWS):
@@ -186,10 +186,10 @@ def measure(model, onnx_source, size: int) -> dict[str, dict]:
 def run(plan: Plan, work: Path) -> list[dict]:
     import torch
 
-    from catalog.indexing import EXPERT_MEAN, EXPERT_STD
-    from catalog.nets import NetConfig, build_net
-    from catalog.onnx_export import export_onnx
-    from catalog.training import TrainConfig, train_classifier, train_rotation
+    from nds.catalog.indexing import EXPERT_MEAN, EXPERT_STD
+    from nds.catalog.model.export import export_onnx
+    from nds.catalog.model.nets import NetConfig, build_net
+    from nds.catalog.model.training import TrainConfig, train_classifier, train_rotation
 
     norm = (EXPERT_MEAN, EXPERT_STD)
     records: list[dict] = []
@@ -345,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write results.md and results.json here")
     args = parser.parse_args(argv)
 
-    from catalog.onnx_export import PARITY_ATOL, PARITY_RTOL
+    from nds.catalog.model.export import PARITY_ATOL, PARITY_RTOL
 
     if args.quick:
         plan = Plan(kinds=("stripes", "digits"), seeds=(0, 1), steps=(0, 20), width=8, size=32)

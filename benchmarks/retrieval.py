@@ -4,7 +4,7 @@
 
 For N = 10^5, 10^6 and 10^7 indexed samples (synthetic catalog rows: 10 datasets x 10
 clusters x 10 labels = 1,000 groups of random sizes summing to N, random rotation-expert
-scores) it times :func:`catalog.retrieval.run_query`, the whole server-side query
+scores) it times :func:`nds.catalog.retrieval.queries.run_query`, the whole server-side query
 (validation, group reads, weights, O(G + B) sampling, summary, storing the picks and the
 query row), for budgets 10^4 and 10^5, ~20 seeds each, p50 and p95, in interleaved rounds
 (every N and B once per round, so a noisy neighbour slows all sizes alike). In the same run it
@@ -57,11 +57,22 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from catalog.context import CatalogContext
-from catalog.db import session_scope, upgrade
-from catalog.retrieval import GroupTable, QueryRequest, build_groups, get_query, iter_manifest, open_picks, run_query, sample_groups, save_picks, summarize
-from catalog.settings import Settings, load_settings
-from catalog.synthetic import add_indexed_dataset
+from nds.catalog.context import CatalogContext
+from nds.catalog.db import session_scope, upgrade
+from nds.catalog.retrieval.queries import (
+    GroupTable,
+    QueryRequest,
+    build_groups,
+    get_query,
+    iter_manifest,
+    open_picks,
+    run_query,
+    sample_groups,
+    save_picks,
+    summarize,
+)
+from nds.catalog.settings import Settings, load_settings
+from nds.samples.synthetic import add_indexed_dataset
 
 DATASETS, CLUSTERS, LABELS = 10, 10, 10
 RATIO_TARGET = 50.0
@@ -180,8 +191,8 @@ def time_naive(w: np.ndarray, budget: int, repeats: int, *, seed: int = 0) -> li
 
 def time_stages(cat: Catalog, budget: int, repeats: int) -> dict[str, float]:
     """run_query's stages one by one (same calls, same order), p50 ms each: where the time goes."""
-    from catalog.models import Query
-    from catalog.retrieval import _request_json, validate_request
+    from nds.catalog.retrieval.queries import _request_json, validate_request
+    from nds.catalog.tables import Query
 
     stages: dict[str, list[float]] = {k: [] for k in ("validate + read groups + weights", "sample_groups (O(G+B))", "summarize", "save_picks (raw picks file)", "store query row")}
     for seed in range(repeats):
@@ -210,7 +221,7 @@ def time_stages(cat: Catalog, budget: int, repeats: int) -> dict[str, float]:
 def time_http(cat: Catalog, budget: int, repeats: int) -> list[float]:
     from fastapi.testclient import TestClient
 
-    from api.app import create_app
+    from nds.api.app import create_app
 
     body = {"expert_scores": {str(k): v for k, v in cat.scores.items()}, "budget": budget}
     times = []

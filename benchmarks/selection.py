@@ -4,17 +4,17 @@
 
 The benchmark is a *user* of the product: it builds image folders, registers and indexes
 them with the ``nds`` CLI, starts ``nds serve`` and talks to it with the client SDK
-(:class:`api.client.NDSClient`), exactly as a practitioner would. Nothing of the retrieval
+(:class:`nds_client.client.NDSClient`), exactly as a practitioner would. Nothing of the retrieval
 method is re-implemented here.
 
 1. **pool**: five visual domains built from images that ship inside installed packages
-   (:func:`catalog.sample_domains.build_pool`: MNIST digits, texture patches, natural-photo
+   (:func:`nds.samples.domains.build_pool`: MNIST digits, texture patches, natural-photo
    patches, rendered letter glyphs, LFW faces), 600 images per domain at 32 px, each
    registered as its own source dataset with its labels (``nds datasets add``) and indexed
    (``nds index NAME --clusters 4 --image-size 32``: default backbone, k-means, one rotation
    expert per cluster, a label classifier).
 2. **targets**: for digits, glyphs, textures and photos, 400 held-out images
-   (:func:`catalog.sample_domains.build_target`: disjoint MNIST indices, disjoint fonts, the
+   (:func:`nds.samples.domains.build_target`: disjoint MNIST indices, disjoint fonts, the
    unseen 30% of each texture and photo), split once, stratified: 100 train, 300 test. The
    target is never registered; only its train split is shown to the client.
 3. **selection**: per target the SDK scores every rotation expert on the train split
@@ -27,7 +27,7 @@ method is re-implemented here.
    a uniform random subset of the same size (without replacement), the whole pool, and no
    pre-training. **Precision** = share of the selected samples (counted with multiplicity)
    whose ``dataset`` is the target's domain.
-4. **transfer**: the same small network (:class:`catalog.nets.NarrowResNet`, width 16, 32 px,
+4. **transfer**: the same small network (:class:`nds.catalog.model.nets.NarrowResNet`, width 16, 32 px,
    as the experts) is pre-trained *supervised* on each selection, with the source labels in
    one multi-domain label space (``dataset:label``, 31 classes, the same head for every
    method), for the same number of optimizer steps whatever the selection's size (so more
@@ -192,7 +192,7 @@ class Cli:
 @contextlib.contextmanager
 def serve(env: dict[str, str], cwd: Path, log: Path) -> Iterator[str]:
     """``nds serve`` on a free loopback port; yields its URL; stops it (by its pid) at the end."""
-    from api.local_server import LocalServer
+    from nds.api.local_server import LocalServer
 
     with LocalServer(env, log, cwd=cwd) as server:
         yield server.url
@@ -209,7 +209,7 @@ def stratified_split(labels: np.ndarray, n_train: int, seed: int) -> tuple[np.nd
 
 def _folder_images(root: Path, size: int) -> tuple[list[str], np.ndarray, np.ndarray]:
     """ROOT/<label>/<image> -> (real paths, uint8 images, labels), in sorted path order."""
-    from catalog.images import list_image_files, load_images
+    from nds_client.images import list_image_files, load_images
 
     paths = sorted(os.path.realpath(p) for p in list_image_files(root))
     loaded = load_images(paths, size, workers=4)
@@ -238,12 +238,12 @@ class Transfer:
     def __init__(self, config: Config, pool_images: np.ndarray, pool_classes: np.ndarray, num_classes: int) -> None:
         import torch
 
-        from plugins.backbones.base import IMAGENET_MEAN, IMAGENET_STD
+        from nds.plugins.backbones.base import IMAGENET_MEAN, IMAGENET_STD
 
         self.config = config
         if config.threads:
             torch.set_num_threads(config.threads)
-        from catalog.training import cpu_has_native_bf16
+        from nds.catalog.model.training import cpu_has_native_bf16
 
         self.bf16 = cpu_has_native_bf16()
         self.norm = (IMAGENET_MEAN, IMAGENET_STD)
@@ -257,14 +257,14 @@ class Transfer:
         self.finetune_runs = 0
 
     def _tensor(self, images: np.ndarray):
-        from catalog.training import to_tensor
+        from nds.catalog.model.training import to_tensor
 
         return to_tensor(images, self.norm)
 
     def _net(self, num_outputs: int, seed: int):
         import torch
 
-        from catalog.nets import NetConfig, build_net
+        from nds.catalog.model.nets import NetConfig, build_net
 
         net = NetConfig(width=self.config.width, blocks=(1, 1, 1), feature_dim=128, num_outputs=num_outputs,
                         input_size=self.config.image_size)
@@ -378,9 +378,9 @@ class Transfer:
 def _select(config: Config, work: Path, budgets: list[int], echo: Callable[[str], None] | None) -> dict[str, Any]:
     """Stages 1-3: build the images, register and index them with the CLI, then (as a client,
     against ``nds serve``) score, estimate priors, query and fetch every manifest."""
-    from api.client import NDSClient
-    from api.manifest_dataset import read_manifest
-    from catalog.sample_domains import build_pool, build_target
+    from nds.samples.domains import build_pool, build_target
+    from nds_client.client import NDSClient
+    from nds_client.manifest_dataset import read_manifest
 
     timings: dict[str, float] = {}
     pool_size = config.per_domain * len(config.domains)

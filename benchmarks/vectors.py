@@ -2,11 +2,11 @@
 
     .venv/bin/python -m benchmarks.vectors [--points 100000] [--dim 128] [--naive-points 20000]
 
-Times :class:`catalog.vectors.EdgeVectorStore` (Qdrant Edge in-process, lock + open + close per
+Times :class:`nds.catalog.vectors.EdgeVectorStore` (Qdrant Edge in-process, lock + open + close per
 call) and, in the same run, qdrant-client's local mode (``QdrantClient(path=...)``, pure Python,
 "the naive way"), limited to ``--naive-points`` because it is slow. Also reports what opening and
 closing a shard costs, and search latency (p50 over 100 queries, k=10), per call and inside a
-:meth:`~catalog.vectors.EdgeVectorStore.session`. Target: the 100,000-point upsert under 5 s.
+:meth:`~nds.catalog.vectors.EdgeVectorStore.session`. Target: the 100,000-point upsert under 5 s.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from catalog.vectors import EdgeVectorStore
+from nds.catalog.vectors import EdgeVectorStore
 
 TARGET_S = 5.0
 QUERIES = 100

@@ -27,8 +27,8 @@ from sqlalchemy import Connection, delete, or_, update
 from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session, select
 
-from catalog.errors import AuthenticationError, ConflictError, InvalidInputError, NotFoundError, PermissionDeniedError
-from catalog.models import ApiKey, Dataset, DatasetGrant, Role, utcnow
+from nds.catalog.tables import ApiKey, Dataset, DatasetGrant, Role, utcnow
+from nds_client.errors import AuthenticationError, ConflictError, InvalidInputError, NotFoundError, PermissionDeniedError
 
 KEY_PREFIX = "nds_"
 PREFIX_LENGTH = 12  # "nds_" + 8 characters
@@ -103,7 +103,7 @@ def list_keys(*, session: Session, include_revoked: bool = False) -> list[ApiKey
 
 def is_id_ref(ref: str | int) -> bool:
     """True when ``ref`` refers to a row by id: an int, or a string of ASCII digits
-    (the rule of :func:`find_key` and :func:`catalog.datasets.find_dataset`)."""
+    (the rule of :func:`find_key` and :func:`nds.catalog.datasets.find_dataset`)."""
     if isinstance(ref, bool):
         return False
     return isinstance(ref, int) or (isinstance(ref, str) and ref.isascii() and ref.isdigit())

@@ -44,11 +44,11 @@ from pathlib import PurePosixPath
 
 from sqlalchemy import select
 
-from catalog.artifacts import is_temp_name
-from catalog.context import CatalogContext
-from catalog.models import Dataset, DatasetStatus, Expert, Query
-from catalog.retrieval import PICKS_PREFIX, picks_key
-from catalog.spaces import PUBLISHED
+from nds.catalog.artifacts import is_temp_name
+from nds.catalog.context import CatalogContext
+from nds.catalog.retrieval.queries import PICKS_PREFIX, picks_key
+from nds.catalog.spaces import PUBLISHED
+from nds.catalog.tables import Dataset, DatasetStatus, Expert, Query
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Every write goes to a temporary file in the target folder and is renamed into place only
 when complete, so a reader never sees half a file and a crashed writer leaves at most a
-``.tmp-*`` file, which the garbage collection (:mod:`catalog.artifact_gc`, ``nds artifacts
+``.tmp-*`` file, which the garbage collection (:mod:`nds.catalog.artifact_gc`, ``nds artifacts
 gc``) removes once it is older than its grace period, with the files no row references.
 Keys derived from a hash of their inputs make a repeated task produce the same single
 artifact.
@@ -22,10 +22,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from catalog.errors import ArtifactError, NotFoundError, StorageFullError
+from nds_client.errors import ArtifactError, NotFoundError, StorageFullError
 
 TEMP_PREFIX = ".tmp-"
-EXPORT_TEMP_SUFFIX = ".tmp"  # catalog.onnx_export writes ".<name>.<random>.tmp" next to its target
+EXPORT_TEMP_SUFFIX = ".tmp"  # nds.catalog.model.export writes ".<name>.<random>.tmp" next to its target
 FULL = (errno.ENOSPC, errno.EDQUOT)
 
 

@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 
-from catalog.artifacts import ArtifactStore
-from catalog.db import check_schema, create_db_engine
-from catalog.groups import GroupCache
-from catalog.settings import Settings
-from plugins.registry import Registry, backbone_registry, exporter_registry, source_registry
+from nds.catalog.artifacts import ArtifactStore
+from nds.catalog.db import check_schema, create_db_engine
+from nds.catalog.retrieval.groups import GroupCache
+from nds.catalog.settings import Settings
+from nds.plugins.registry import Registry, backbone_registry, exporter_registry, source_registry
 
 if TYPE_CHECKING:
-    from catalog.vectors import VectorStore
+    from nds.catalog.vectors import VectorStore
 
 
 class CatalogContext:
@@ -46,7 +46,7 @@ class CatalogContext:
     def vectors(self) -> VectorStore:
         with self._vectors_lock:
             if self._vectors is None:
-                from catalog.vectors import open_vector_store
+                from nds.catalog.vectors import open_vector_store
 
                 self._vectors = open_vector_store(self.settings)
             return self._vectors
@@ -56,8 +56,8 @@ class CatalogContext:
         return self.settings.resolved_data_roots
 
     def shown_uri(self, principal):  # noqa: ANN001, ANN201 - Principal -> Callable[[str], str]
-        """How ``principal`` sees stored uris (catalog.uris: relative paths for client keys)."""
-        from catalog.uris import uri_view
+        """How ``principal`` sees stored uris (nds.catalog.uris: relative paths for client keys)."""
+        from nds.catalog.uris import uri_view
 
         return uri_view(principal, self.data_roots, self.settings.resolved_public_uris)
 

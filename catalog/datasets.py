@@ -7,11 +7,11 @@ import re
 from sqlalchemy import delete, func
 from sqlmodel import Session, select
 
-from catalog.access import LOCAL, MAX_ID, Principal, is_id_ref, visible_clause
-from catalog.context import CatalogContext
-from catalog.db import session_scope
-from catalog.errors import ConflictError, InvalidInputError, NotFoundError
-from catalog.models import Assignment, Cluster, Dataset, DatasetStatus, Expert, Group, Sample
+from nds.catalog.access import LOCAL, MAX_ID, Principal, is_id_ref, visible_clause
+from nds.catalog.context import CatalogContext
+from nds.catalog.db import session_scope
+from nds.catalog.tables import Assignment, Cluster, Dataset, DatasetStatus, Expert, Group, Sample
+from nds_client.errors import ConflictError, InvalidInputError, NotFoundError
 
 #: a dataset name, matched whole (``fullmatch``: ``$`` would also accept a final newline)
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -102,7 +102,7 @@ def list_clusters(*, session: Session, dataset_id: int, principal: Principal = L
 def delete_dataset(*, ctx: CatalogContext, dataset_id: int) -> Dataset:
     """Remove a dataset's rows and vectors, then collect the artifact store's garbage: its
     experts' files at once, other unreferenced files (its published backbone, if no other
-    dataset uses it) after the grace period (:mod:`catalog.artifact_gc`). Its source files stay."""
+    dataset uses it) after the grace period (:mod:`nds.catalog.artifact_gc`). Its source files stay."""
     with session_scope(ctx.engine) as session:
         dataset = get_dataset(session=session, dataset_id=dataset_id)
         if dataset.status in BUSY:
@@ -116,12 +116,12 @@ def delete_dataset(*, ctx: CatalogContext, dataset_id: int) -> Dataset:
         dataset = get_dataset(session=session, dataset_id=dataset_id)
         released = set(session.exec(select(Expert.artifact).where(Expert.dataset_id == dataset_id)).all())
         if dataset.backbone:
-            from catalog.spaces import PUBLISHED
+            from nds.catalog.spaces import PUBLISHED
 
             released.update((f"{PUBLISHED}/{dataset.backbone}.onnx", f"{PUBLISHED}/{dataset.backbone}.json"))
         purge_rows(session, dataset_id)
         session.delete(dataset)
-    from catalog.artifact_gc import collect_after_delete
+    from nds.catalog.artifact_gc import collect_after_delete
 
     collect_after_delete(ctx, released)  # what no other row refers to; never fails the delete
     return dataset

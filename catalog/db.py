@@ -19,8 +19,8 @@ from sqlalchemy import Engine, event, inspect
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlmodel import Session, create_engine
 
-from catalog.errors import NDSError, ServiceUnavailableError
-from catalog.settings import Settings
+from nds.catalog.settings import Settings
+from nds_client.errors import NDSError, ServiceUnavailableError
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 

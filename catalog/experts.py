@@ -5,9 +5,9 @@ from __future__ import annotations
 from sqlalchemy import and_, func
 from sqlmodel import Session, select
 
-from catalog.access import LOCAL, Principal, can_see, visible_clause
-from catalog.errors import NotFoundError
-from catalog.models import Dataset, Expert, ExpertKind
+from nds.catalog.access import LOCAL, Principal, can_see, visible_clause
+from nds.catalog.tables import Dataset, Expert, ExpertKind
+from nds_client.errors import NotFoundError
 
 
 def _active():  # noqa: ANN202 - a SQL condition

@@ -35,16 +35,16 @@ import numpy as np
 from sqlalchemy import delete, insert, update
 from sqlmodel import select
 
-from catalog.context import CatalogContext
-from catalog.db import session_scope
-from catalog.errors import ConflictError, InvalidInputError, NDSError, NotFoundError
-from catalog.images import load_images
-from catalog.jobs import GPU, JobFailed, JobKind, JobReporter, create_job, datasets_with_live_jobs, register_job_kind
-from catalog.models import Assignment, Cluster, Dataset, DatasetStatus, Expert, ExpertKind, Group, Job, Sample, utcnow
-from catalog.paths import resolve_in_roots
-from catalog.spaces import publish_backbone
-from catalog.vectors import collection_name
-from plugins.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneEnv
+from nds.catalog.context import CatalogContext
+from nds.catalog.db import session_scope
+from nds.catalog.jobs import GPU, JobFailed, JobKind, JobReporter, create_job, datasets_with_live_jobs, register_job_kind
+from nds.catalog.paths import resolve_in_roots
+from nds.catalog.spaces import publish_backbone
+from nds.catalog.tables import Assignment, Cluster, Dataset, DatasetStatus, Expert, ExpertKind, Group, Job, Sample, utcnow
+from nds.catalog.vectors import collection_name
+from nds.plugins.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneEnv
+from nds_client.errors import ConflictError, InvalidInputError, NDSError, NotFoundError
+from nds_client.images import load_images
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +293,7 @@ def discard_uncommitted_points(ctx: CatalogContext, dataset_id: int, backbone: s
 def restore_interrupted_indexing(ctx: CatalogContext) -> list[str]:
     """Datasets left 'indexing' with no live index job (its process died) go back to their
     previous status, and what the abandoned run wrote to the vector store is removed. Run
-    after :func:`catalog.jobs.mark_interrupted`: an index job of a live process is left alone."""
+    after :func:`nds.catalog.jobs.mark_interrupted`: an index job of a live process is left alone."""
     with session_scope(ctx.engine) as session:
         live = datasets_with_live_jobs(session, "index")
         stuck = [d for d in session.exec(select(Dataset).where(Dataset.status == DatasetStatus.indexing)).all() if d.id not in live]
@@ -399,7 +399,7 @@ def epochs_for(num_images: int, request: IndexRequest) -> int:
     A cluster of 100 images makes 2 steps an epoch at batch 64: a handful of epochs leaves
     its expert at chance, so small clusters train for more epochs (capped at 1000).
     """
-    from catalog.training import TrainConfig
+    from nds.catalog.model.training import TrainConfig
 
     defaults = TrainConfig()
     train_images = max(1, round(num_images * (1 - defaults.holdout_fraction)))
@@ -413,11 +413,11 @@ def train_and_export(
     progress, label_names: list[str] | None = None,  # noqa: ANN001 - callable
 ) -> dict[str, Any]:
     """Train (or reuse, when the same inputs were trained before) one network and export it."""
-    from catalog.artifacts import sha256_file
-    from catalog.nets import NetConfig
-    from catalog.onnx_export import export_onnx
-    from catalog.onnx_runtime import read_metadata
-    from catalog.training import TrainConfig, train_classifier, train_rotation
+    from nds.catalog.artifacts import sha256_file
+    from nds.catalog.model.export import export_onnx
+    from nds.catalog.model.nets import NetConfig
+    from nds.catalog.model.training import TrainConfig, train_classifier, train_rotation
+    from nds_client.runtime import read_metadata
 
     num_outputs = 4 if kind == ExpertKind.rotation else len(label_names or [])
     net = NetConfig(width=request.width, blocks=(1, 1, 1), feature_dim=128, num_outputs=num_outputs, input_size=request.image_size)

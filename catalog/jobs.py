@@ -7,9 +7,9 @@ The same ``run_job`` runs in a background thread (embedded default), inline (the
 in a Celery worker (server mode; the Celery side lives in ``workers/``, this module knows
 nothing of it).
 
-Kinds are registered by the modules that implement them (:mod:`catalog.registration`,
-:mod:`catalog.indexing`) when they are imported; this module imports neither.
-:mod:`catalog.job_kinds` imports them all, and whatever runs jobs imports it.
+Kinds are registered by the modules that implement them (:mod:`nds.catalog.registration`,
+:mod:`nds.catalog.indexing`) when they are imported; this module imports neither.
+:mod:`nds.catalog.job_kinds` imports them all, and whatever runs jobs imports it.
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 from sqlalchemy import Engine, update
 from sqlmodel import Session, select
 
-from catalog.db import session_scope, unavailable_database
-from catalog.errors import NDSError, NotFoundError, ServiceUnavailableError
-from catalog.models import Job, JobStatus, utcnow
+from nds.catalog.db import session_scope, unavailable_database
+from nds.catalog.tables import Job, JobStatus, utcnow
+from nds_client.errors import NDSError, NotFoundError, ServiceUnavailableError
 
 if TYPE_CHECKING:
-    from catalog.context import CatalogContext
+    from nds.catalog.context import CatalogContext
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from catalog.errors import InvalidInputError
+from nds_client.errors import InvalidInputError
 
 
 def within(path: Path, roots: list[Path]) -> bool:

@@ -26,16 +26,16 @@ from sqlalchemy import delete, insert
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
-from catalog.context import CatalogContext
-from catalog.datasets import check_name, purge_rows
-from catalog.db import session_scope
-from catalog.errors import ConflictError, InvalidInputError, PluginError, SourceError
-from catalog.images import DEFAULT_MAX_IMAGE_PIXELS, TooManyPixels, open_image
-from catalog.jobs import CPU, JobFailed, JobKind, JobReporter, create_job, datasets_with_live_jobs, register_job_kind
-from catalog.models import Dataset, DatasetStatus, Job, Sample, utcnow
-from catalog.paths import resolve_in_roots, within
-from catalog.settings import Settings
-from plugins.sources.base import Source, SourceItem
+from nds.catalog.context import CatalogContext
+from nds.catalog.datasets import check_name, purge_rows
+from nds.catalog.db import session_scope
+from nds.catalog.jobs import CPU, JobFailed, JobKind, JobReporter, create_job, datasets_with_live_jobs, register_job_kind
+from nds.catalog.paths import resolve_in_roots, within
+from nds.catalog.settings import Settings
+from nds.catalog.tables import Dataset, DatasetStatus, Job, Sample, utcnow
+from nds.plugins.sources.base import Source, SourceItem
+from nds_client.errors import ConflictError, InvalidInputError, PluginError, SourceError
+from nds_client.images import DEFAULT_MAX_IMAGE_PIXELS, TooManyPixels, open_image
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ register_job_kind(JobKind("register", handler=run_registration, queue_class=CPU,
 
 def remove_interrupted_registrations(ctx: CatalogContext) -> list[str]:
     """Remove datasets left 'registering' with no live registration job (its process died);
-    returns their names. Run after :func:`catalog.jobs.mark_interrupted`, so a registration
+    returns their names. Run after :func:`nds.catalog.jobs.mark_interrupted`, so a registration
     that a live process (a CLI beside the server) is running is left alone."""
     with session_scope(ctx.engine) as session:
         live = datasets_with_live_jobs(session, "register")

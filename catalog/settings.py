@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     )
     # 2^26 = 67,108,864 px (8192 x 8192): above every full-frame camera (61 Mpx, 9504 x 6336), below
     # Pillow's own limit (89,478,485 px, where it warns); one RGB decode at the cap is 256 MiB (4 bytes a pixel).
-    # Equal to catalog.images.DEFAULT_MAX_IMAGE_PIXELS (the client's cap; this module does not import PIL).
+    # Equal to nds_client.images.DEFAULT_MAX_IMAGE_PIXELS (the client's cap; this module does not import PIL).
     max_image_pixels: int = Field(
         default=1 << 26, ge=1,
         description="Largest width x height registered or decoded; checked from the header before decoding, larger images are skipped ('too many pixels').",

@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 from sqlalchemy import Integer, Table, func, select, text
 from sqlmodel import SQLModel
 
-from catalog.artifacts import is_temp_name
-from catalog.context import CatalogContext
-from catalog.errors import ConflictError
-from catalog.models import Assignment, Dataset, Sample
-from catalog.vectors import collection_name
+from nds.catalog.artifacts import is_temp_name
+from nds.catalog.context import CatalogContext
+from nds.catalog.tables import Assignment, Dataset, Sample
+from nds.catalog.vectors import collection_name
+from nds_client.errors import ConflictError
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
 ROW_CHUNK = 5000

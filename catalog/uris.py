@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
-from catalog.access import Principal
+from nds.catalog.access import Principal
 
 
 def _relative(uri: str, roots: Sequence[Path]) -> tuple[Path, str] | None:

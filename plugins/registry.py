@@ -14,7 +14,7 @@ from importlib import import_module
 from importlib.metadata import EntryPoint, entry_points
 from typing import Generic, TypeVar
 
-from catalog.errors import PluginError
+from nds_client.errors import PluginError
 
 T = TypeVar("T")
 

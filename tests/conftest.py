@@ -15,9 +15,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
 
-from catalog.context import CatalogContext
-from catalog.db import upgrade
-from catalog.settings import Settings, load_settings
+from nds.catalog.context import CatalogContext
+from nds.catalog.db import upgrade
+from nds.catalog.settings import Settings, load_settings
 
 pytest_plugins = ["tests.services"]
 
@@ -93,7 +93,7 @@ def ctx(settings: Settings):
 @pytest.fixture
 def api(settings: Settings):
     """A TestClient over the real app (lifespan included) on a migrated embedded catalog."""
-    from api.app import create_app
+    from nds.api.app import create_app
 
     upgrade(settings)
     with TestClient(create_app(settings), base_url=LOOPBACK) as client:
@@ -115,7 +115,7 @@ def cli_env(settings: Settings) -> dict[str, str]:
 @pytest.fixture
 def nds(cli_env: dict[str, str]):
     """Run the nds CLI in-process: nds("datasets", "list") -> click Result."""
-    from api.cli import app
+    from nds.api.cli import app
 
     runner = CliRunner()
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from catalog.errors import ServiceUnavailableError
-from plugins.sources.base import SourceItem
-from plugins.sources.imagefolder import ImageFolderSource
+from nds.plugins.sources.base import SourceItem
+from nds.plugins.sources.imagefolder import ImageFolderSource
+from nds_client.errors import ServiceUnavailableError
 
 MARKER = ".unavailable"
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from catalog.db import upgrade
-from catalog.settings import Settings, load_settings
+from nds.catalog.db import upgrade
+from nds.catalog.settings import Settings, load_settings
 
 
 @dataclass

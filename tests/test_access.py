@@ -11,10 +11,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 from sqlmodel import Session
 
-from api.local_server import LocalServer
-from catalog import access
-from catalog.db import session_scope
-from catalog.synthetic import add_files_and_vectors, add_indexed_dataset
+from nds.api.local_server import LocalServer
+from nds.catalog import access
+from nds.catalog.db import session_scope
+from nds.samples.synthetic import add_files_and_vectors, add_indexed_dataset
 from tests.conftest import LOOPBACK
 
 DIM = 8
@@ -28,7 +28,7 @@ def bearer(key: str) -> dict[str, str]:
 def world(settings, ctx):
     """Two indexed datasets (public, secret) with expert files and vectors; keys admin, alice, bob;
     secret restricted to alice."""
-    from api.app import create_app
+    from nds.api.app import create_app
 
     datasets = {name: add_indexed_dataset(ctx, name, clusters=2, labels=["x", "y"], samples_per_group=3) for name in ("public", "secret")}
     add_files_and_vectors(ctx, dim=DIM)
@@ -200,7 +200,7 @@ def test_cli_keys_and_restrict(nds, ctx):
 
 
 def test_serve_refuses_open_non_loopback_binds(cli_env, nds, tmp_path):
-    from api.cli import _is_loopback
+    from nds.api.cli import _is_loopback
 
     assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("localhost")
     assert not _is_loopback("0.0.0.0") and not _is_loopback("192.168.1.5")

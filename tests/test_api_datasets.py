@@ -8,7 +8,7 @@ import sys
 
 import httpx
 
-from api.local_server import LocalServer
+from nds.api.local_server import LocalServer
 from tests.conftest import wait_job, write_images
 
 

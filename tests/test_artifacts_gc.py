@@ -18,14 +18,14 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 from sqlmodel import Session, select
 
-from catalog.artifact_gc import DEFAULT_GRACE_SECONDS, gc
-from catalog.context import CatalogContext
-from catalog.db import session_scope, upgrade
-from catalog.errors import GoneError, StorageFullError
-from catalog.models import Dataset, DatasetStatus, Expert, Query
-from catalog.retrieval import QueryRequest, iter_manifest, picks_key, run_query
-from catalog.settings import load_settings
-from catalog.synthetic import add_indexed_dataset
+from nds.catalog.artifact_gc import DEFAULT_GRACE_SECONDS, gc
+from nds.catalog.context import CatalogContext
+from nds.catalog.db import session_scope, upgrade
+from nds.catalog.retrieval.queries import QueryRequest, iter_manifest, picks_key, run_query
+from nds.catalog.settings import load_settings
+from nds.catalog.tables import Dataset, DatasetStatus, Expert, Query
+from nds.samples.synthetic import add_indexed_dataset
+from nds_client.errors import GoneError, StorageFullError
 from tests.conftest import LOOPBACK, small_tmpfs
 
 OLD = 2 * DEFAULT_GRACE_SECONDS  # an age well past the default grace period
@@ -189,7 +189,7 @@ def test_nds_artifacts_gc_and_datasets_rm(ctx, nds):
 
 
 def test_rest_delete_collects_the_datasets_files(settings, ctx):
-    from api.app import create_app
+    from nds.api.app import create_app
 
     a, b, keys = build_store(ctx)
     shared = put(ctx, "backbones/published/bb-a.onnx")
@@ -212,7 +212,7 @@ def test_rest_delete_collects_the_datasets_files(settings, ctx):
 
 
 def test_a_query_whose_row_insert_fails_leaves_no_picks_file(settings, ctx):
-    from api.app import create_app
+    from nds.api.app import create_app
 
     a = add_indexed_dataset(ctx, "A", clusters=2, labels=["x", "y"])
     with ctx.engine.begin() as conn:  # every insert into queries fails in the database (no such table)
@@ -248,7 +248,7 @@ def full_disk(tmp_path):
 
 
 def test_a_full_disk_answers_503_with_retry_after_and_no_path(tmp_path, data_root, full_disk):
-    from api.app import create_app
+    from nds.api.app import create_app
 
     settings = load_settings(home=tmp_path / "home", artifacts_dir=full_disk, data_roots=[data_root],
                              database_url=None, qdrant_url=None, broker_url=None)
@@ -330,7 +330,7 @@ def stored_query(settings, ctx):
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_a_damaged_picks_file_is_a_clear_410(settings, stored_query, damage):
-    from api.app import create_app
+    from nds.api.app import create_app
 
     ctx, query = stored_query
     path = ctx.artifacts.path(picks_key(query.id))
@@ -347,7 +347,7 @@ def test_a_damaged_picks_file_is_a_clear_410(settings, stored_query, damage):
 
 
 def test_a_missing_picks_file_is_a_410_without_a_path(settings, stored_query):
-    from api.app import create_app
+    from nds.api.app import create_app
 
     ctx, query = stored_query
     ctx.artifacts.path(picks_key(query.id)).unlink()

@@ -19,17 +19,17 @@ import torch
 from sqlmodel import Session, select
 from torch import nn
 
-from catalog.artifacts import ArtifactStore
-from catalog.errors import NDSError, PluginError
-from catalog.indexing import IndexRequest, start_indexing
-from catalog.jobs import InlineDispatcher, get_job
-from catalog.models import Dataset, DatasetStatus, JobStatus, Sample
-from catalog.nets import NetConfig, build_net
-from catalog.onnx_export import export_onnx
-from catalog.registration import RegistrationRequest, start_registration
-from catalog.training import embed as torch_embed
-from plugins.backbones.base import Backbone, BackboneEnv
-from plugins.registry import backbone_registry
+from nds.catalog.artifacts import ArtifactStore
+from nds.catalog.indexing import IndexRequest, start_indexing
+from nds.catalog.jobs import InlineDispatcher, get_job
+from nds.catalog.model.export import export_onnx
+from nds.catalog.model.nets import NetConfig, build_net
+from nds.catalog.model.training import embed as torch_embed
+from nds.catalog.registration import RegistrationRequest, start_registration
+from nds.catalog.tables import Dataset, DatasetStatus, JobStatus, Sample
+from nds.plugins.backbones.base import Backbone, BackboneEnv
+from nds.plugins.registry import backbone_registry
+from nds_client.errors import NDSError, PluginError
 from tests.conftest import write_images
 
 pytestmark = pytest.mark.slow  # trains networks or runs processes: not in `make test-fast`

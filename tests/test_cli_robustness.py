@@ -15,11 +15,11 @@ import pytest
 from sqlalchemy import text
 from typer.testing import CliRunner
 
-from api.client import NDSClient, Scores, ServerError
-from catalog import access
-from catalog.datasets import NAME_PATTERN, check_name
-from catalog.db import create_db_engine, session_scope, upgrade
-from catalog.errors import ConflictError, InvalidInputError
+from nds.catalog import access
+from nds.catalog.datasets import NAME_PATTERN, check_name
+from nds.catalog.db import create_db_engine, session_scope, upgrade
+from nds_client.client import NDSClient, Scores, ServerError
+from nds_client.errors import ConflictError, InvalidInputError
 from tests.conftest import write_images
 
 EVIL_LINK = "[link=https://evil.example]x[/link]"
@@ -41,7 +41,7 @@ def wide_env(cli_env: dict[str, str]) -> dict[str, str]:
 @pytest.fixture
 def run(wide_env: dict[str, str]) -> Callable:
     """The nds CLI in-process, wide enough that nothing wraps; exceptions stay in the result."""
-    from api.cli import app
+    from nds.api.cli import app
 
     runner = CliRunner()
 
@@ -243,10 +243,10 @@ def test_paging_is_bounded_by_what_the_server_returns_not_its_count():
 
 
 def test_full_pages_that_never_end_are_an_error(monkeypatch):
-    import api.client
+    import nds_client.client
 
-    monkeypatch.setattr(api.client, "_MAX_ROWS", 3000, raising=False)
-    page = {"data": [DATASET_ROW] * api.client._PAGE, "count": 10**12}
+    monkeypatch.setattr(nds_client.client, "_MAX_ROWS", 3000, raising=False)
+    page = {"data": [DATASET_ROW] * nds_client.client._PAGE, "count": 10**12}
     with fake_server(_stop_after(50, page)) as (url, seen), NDSClient(url, timeout=5) as client:
         with pytest.raises(ServerError, match="did not end"):
             client.datasets()

@@ -3,7 +3,7 @@
 One module-scoped server: two visually different datasets (stripes, noise), each
 registered and indexed by the `nds` CLI in subprocesses (K=2 rotation experts and a label
 classifier each), then `nds serve` on a free loopback port. Every test talks to it over
-HTTP through :class:`api.client.NDSClient` or the `nds score` command.
+HTTP through :class:`nds_client.client.NDSClient` or the `nds score` command.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from api.client import (
+from nds.api.local_server import LocalServer, free_port
+from nds_client.client import (
     ClientInputError,
     IntegrityError,
     NDSClient,
@@ -34,9 +35,8 @@ from api.client import (
     TargetError,
     rotations,
 )
-from api.local_server import LocalServer, free_port
-from catalog.errors import InvalidInputError, NDSError
-from catalog.images import list_image_files
+from nds_client.errors import InvalidInputError, NDSError
+from nds_client.images import list_image_files
 from tests.conftest import write_images
 
 pytestmark = pytest.mark.slow
@@ -117,8 +117,8 @@ def stripes_target(server) -> Path:
 
 
 def cli(*args: str, env: dict | None = None):
-    from api.cli import app
-    from api.cli_client import register
+    from nds.api.cli import app
+    from nds_client.cli import register
 
     register(app)
     return CliRunner().invoke(app, list(args), env={"COLUMNS": "200", **(env or {})}, catch_exceptions=False)
@@ -148,7 +148,7 @@ class Counting(httpx.HTTPTransport):
 
 def test_import_is_light():
     code = (
-        "import sys, api.client, api.cli_client\n"
+        "import sys, nds_client.client, nds_client.cli\n"
         "heavy = [m for m in ('torch', 'sqlalchemy', 'sqlmodel', 'fastapi', 'celery', 'sklearn') if m in sys.modules]\n"
         "print(','.join(heavy))\n"
     )
@@ -170,7 +170,7 @@ def test_no_pickle_anywhere():
 
 def test_rotations_match_training():
     torch = pytest.importorskip("torch")
-    from catalog.training import rotate_batch
+    from nds.catalog.model.training import rotate_batch
 
     u8 = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
     x4, y4 = rotate_batch(torch.from_numpy(u8).permute(0, 3, 1, 2).contiguous())  # NCHW, blocks of k * 90 degrees
@@ -554,8 +554,8 @@ def test_cli_bad_input(server, tmp_path):
 
 
 def test_register_is_idempotent():
-    from api.cli import app
-    from api.cli_client import register
+    from nds.api.cli import app
+    from nds_client.cli import register
 
     register(app)
     register(app)

@@ -16,13 +16,13 @@ import yaml
 from sqlalchemy import func, select
 from sqlmodel import Session, SQLModel
 
-from catalog import access
-from catalog.context import CatalogContext
-from catalog.db import session_scope, upgrade
-from catalog.models import Sample
-from catalog.retrieval import QueryRequest, iter_manifest, run_query
-from catalog.settings import Settings, load_settings
-from catalog.synthetic import add_files_and_vectors, add_indexed_dataset
+from nds.catalog import access
+from nds.catalog.context import CatalogContext
+from nds.catalog.db import session_scope, upgrade
+from nds.catalog.retrieval.queries import QueryRequest, iter_manifest, run_query
+from nds.catalog.settings import Settings, load_settings
+from nds.catalog.tables import Sample
+from nds.samples.synthetic import add_files_and_vectors, add_indexed_dataset
 from tests.server_mode import reset_database
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +136,7 @@ def test_copy_to_postgresql_keeps_everything(services, tmp_path, nds, settings):
         assert counts == source["counts"]
         assert ctx.vectors.count("emb-synthetic") == source["points"]
         # the stored query exports the same manifest there, and a new query with the same seed matches it
-        from catalog.models import Query
+        from nds.catalog.tables import Query
 
         with Session(ctx.engine) as session:
             stored = session.get(Query, source["query"])
@@ -157,7 +157,7 @@ def test_copy_to_postgresql_keeps_everything(services, tmp_path, nds, settings):
 def test_copy_vectors_into_a_qdrant_server_store(settings, tmp_path):
     from qdrant_client import QdrantClient
 
-    from catalog.vectors import QdrantServerStore
+    from nds.catalog.vectors import QdrantServerStore
 
     source = build_source(settings)
     target = load_settings(home=tmp_path / "t", database_url=None, qdrant_url=None, broker_url=None, data_roots=settings.data_roots)
@@ -170,7 +170,7 @@ def test_copy_vectors_into_a_qdrant_server_store(settings, tmp_path):
             return super().create_collection(collection_name, **kwargs)
 
     store = QdrantServerStore("http://qdrant.invalid:6333", client=RecordingClient(location=":memory:"), shard_number=2, replication_factor=3)
-    from catalog.transfer import copy_catalog
+    from nds.catalog.transfer import copy_catalog
 
     with CatalogContext.open(settings) as src, CatalogContext(target, vectors=store) as dst:
         report = copy_catalog(src, dst)
@@ -183,7 +183,7 @@ def test_copy_vectors_into_a_qdrant_server_store(settings, tmp_path):
 
 
 def test_qdrant_sharding_comes_from_the_settings(tmp_path):
-    from catalog.vectors import QdrantServerStore, open_vector_store
+    from nds.catalog.vectors import QdrantServerStore, open_vector_store
 
     settings = load_settings(home=tmp_path, qdrant_url="http://127.0.0.1:1", qdrant_shards=6, qdrant_replication_factor=2, data_roots=[tmp_path])
     store = open_vector_store(settings)  # no connection is made until the first call

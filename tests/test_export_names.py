@@ -9,7 +9,7 @@ from urllib.parse import unquote
 
 import pytest
 
-from plugins.exporters.imagefolder import LABELS_FILE, UNLABELLED, build_tree, label_folder_names
+from nds.plugins.exporters.imagefolder import LABELS_FILE, UNLABELLED, build_tree, label_folder_names
 
 
 def _portable(names) -> None:
@@ -90,7 +90,7 @@ def test_tree_reads_back_with_torchvision(tmp_path, data_root):
 
 
 def test_tree_from_a_jsonl_manifest_names_folders_whatever_the_row_order(tmp_path, data_root):
-    from plugins.exporters.imagefolder import JsonlRows
+    from nds.plugins.exporters.imagefolder import JsonlRows
     from tests.conftest import write_images
 
     image = write_images(data_root / "imgs", labels=("a",), n=1) / "a" / "0.png"
@@ -106,12 +106,12 @@ def test_tree_from_a_jsonl_manifest_names_folders_whatever_the_row_order(tmp_pat
 
 
 def test_a_client_keys_relative_manifest_needs_the_data_root(tmp_path):
-    """Client keys get uris relative to the server's data roots (catalog.uris): the tree
+    """Client keys get uris relative to the server's data roots (nds.catalog.uris): the tree
     resolves them against --data-root, and refuses them (writing nothing) without it."""
     import pytest
     from PIL import Image
 
-    from catalog.errors import InvalidInputError
+    from nds_client.errors import InvalidInputError
 
     root = tmp_path / "mnt"
     (root / "pool").mkdir(parents=True)

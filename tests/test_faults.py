@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import create_engine, text
 
-from api.local_server import LocalServer
+from nds.api.local_server import LocalServer
 from tests.conftest import small_tmpfs, wait_job, write_images
 
 pytestmark = pytest.mark.slow  # trains networks or runs processes: not in `make test-fast`

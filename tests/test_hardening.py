@@ -18,17 +18,17 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 from sqlmodel import Session, select
 
-from catalog import access
-from catalog.context import CatalogContext
-from catalog.datasets import delete_dataset
-from catalog.db import session_scope, upgrade
-from catalog.errors import GoneError
-from catalog.jobs import create_job, mark_interrupted
-from catalog.models import Dataset, DatasetStatus, Expert, Job, JobStatus, Sample
-from catalog.retrieval import QueryRequest, iter_manifest, run_query
-from catalog.search import search
-from catalog.settings import load_settings
-from catalog.synthetic import add_files_and_vectors, add_indexed_dataset
+from nds.catalog import access
+from nds.catalog.context import CatalogContext
+from nds.catalog.datasets import delete_dataset
+from nds.catalog.db import session_scope, upgrade
+from nds.catalog.jobs import create_job, mark_interrupted
+from nds.catalog.retrieval.queries import QueryRequest, iter_manifest, run_query
+from nds.catalog.retrieval.search import search
+from nds.catalog.settings import load_settings
+from nds.catalog.tables import Dataset, DatasetStatus, Expert, Job, JobStatus, Sample
+from nds.samples.synthetic import add_files_and_vectors, add_indexed_dataset
+from nds_client.errors import GoneError
 from tests.conftest import LOOPBACK
 from tests.server_mode import reset_database
 
@@ -46,7 +46,7 @@ def any_settings(request, tmp_path, data_root):
 
 
 def app_client(settings) -> TestClient:
-    from api.app import create_app
+    from nds.api.app import create_app
 
     return TestClient(create_app(settings), base_url=LOOPBACK)
 
@@ -237,7 +237,7 @@ def test_jobs_record_their_owner_and_worker(ctx):
 
 
 def test_search_hits_carry_the_active_versions_clusters_and_abandoned_points_are_removed(ctx):
-    from catalog.indexing import restore_interrupted_indexing
+    from nds.catalog.indexing import restore_interrupted_indexing
 
     ds = add_indexed_dataset(ctx, "v", clusters=2, labels=["a"], samples_per_group=4)
     add_files_and_vectors(ctx, dim=8)
@@ -263,8 +263,8 @@ def test_search_hits_carry_the_active_versions_clusters_and_abandoned_points_are
 
 
 def test_a_failed_index_run_leaves_no_points_in_a_new_space(ctx, monkeypatch):
-    from catalog import indexing
-    from catalog.errors import NDSError
+    from nds.catalog import indexing
+    from nds_client.errors import NDSError
 
     ds = add_indexed_dataset(ctx, "v", clusters=2, labels=["a"], samples_per_group=4)
     add_files_and_vectors(ctx, dim=8)
@@ -359,8 +359,8 @@ def test_client_keys_never_see_server_paths(tmp_path, data_root, public):
 
 
 def test_the_shared_backbone_never_trains_on_restricted_images_unless_the_operator_says_so(tmp_path, data_root):
-    from catalog.indexing import sample_registered_images
-    from catalog.jobs import JobFailed
+    from nds.catalog.indexing import sample_registered_images
+    from nds.catalog.jobs import JobFailed
     from tests.conftest import write_images
 
     def catalog_with(include: bool, restricted: tuple[bool, bool]):

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from catalog.synthetic import add_indexed_dataset
+from nds.samples.synthetic import add_indexed_dataset
 from tests.conftest import wait_job, write_images
 
 

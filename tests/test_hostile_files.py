@@ -19,14 +19,14 @@ import pytest
 from PIL import Image, ImageFile
 from sqlmodel import Session, select
 
-from catalog.context import CatalogContext
-from catalog.db import upgrade
-from catalog.images import DEFAULT_MAX_IMAGE_PIXELS, load_images
-from catalog.indexing import IndexRequest, start_indexing
-from catalog.jobs import InlineDispatcher, get_job
-from catalog.models import JobStatus, Sample
-from catalog.registration import RegistrationRequest, start_registration
-from catalog.settings import Settings, load_settings
+from nds.catalog.context import CatalogContext
+from nds.catalog.db import upgrade
+from nds.catalog.indexing import IndexRequest, start_indexing
+from nds.catalog.jobs import InlineDispatcher, get_job
+from nds.catalog.registration import RegistrationRequest, start_registration
+from nds.catalog.settings import Settings, load_settings
+from nds.catalog.tables import JobStatus, Sample
+from nds_client.images import DEFAULT_MAX_IMAGE_PIXELS, load_images
 from tests.conftest import write_images
 
 MiB = 2**20
@@ -162,11 +162,11 @@ def test_max_image_pixels_is_the_setting(make_ctx, data_root):
 MEASURE = """
 import json, re, sys
 from sqlmodel import Session
-from catalog.context import CatalogContext
-from catalog.db import upgrade
-from catalog.jobs import InlineDispatcher, get_job
-from catalog.registration import RegistrationRequest, start_registration
-from catalog.settings import load_settings
+from nds.catalog.context import CatalogContext
+from nds.catalog.db import upgrade
+from nds.catalog.jobs import InlineDispatcher, get_job
+from nds.catalog.registration import RegistrationRequest, start_registration
+from nds.catalog.settings import load_settings
 
 ctx = CatalogContext.open(load_settings())
 
@@ -199,7 +199,7 @@ def _register_in_a_process(cli_env: dict, data_root: Path, big: Path, **env: str
     (data_root / "warm.csv").write_text("uri,label\nimgs/a/0.png,a\n")
     (data_root / "big.csv").write_text(f"uri,label\nimgs/a/1.png,a\n{big.name},a\n")
     full_env = {**os.environ, **cli_env, **env}
-    subprocess.run([sys.executable, "-c", "from catalog.db import upgrade; from catalog.settings import load_settings; upgrade(load_settings())"],
+    subprocess.run([sys.executable, "-c", "from nds.catalog.db import upgrade; from nds.catalog.settings import load_settings; upgrade(load_settings())"],
                    env=full_env, check=True, capture_output=True)
     done = subprocess.run([sys.executable, "-c", MEASURE, str(data_root / "warm.csv"), str(data_root / "big.csv")],
                           env=full_env, capture_output=True, text=True, timeout=300)
@@ -282,7 +282,7 @@ def test_indexing_never_decodes_images_above_the_cap(make_ctx, data_root, decode
 def test_large_allowed_images_are_decoded_reduced_and_small_ones_exactly(data_root):
     """Above 16.8 Mpx: decoded reduced (a JPEG at 1/8 scale by the decoder), close to the exact
     result; small images: exactly the old preprocessing (full decode, RGB, crop, bilinear)."""
-    from catalog.images import LARGE_IMAGE_PIXELS, load_image, square_resize
+    from nds_client.images import LARGE_IMAGE_PIXELS, load_image, square_resize
 
     rng = np.random.default_rng(0)
     small = data_root / "small.jpg"

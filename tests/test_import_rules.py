@@ -1,7 +1,7 @@
 """The layering of the code, read from its import statements (``ast``, nothing imported).
 
 ``api -> catalog <- workers``: the catalog imports neither the API nor the workers, the
-workers never import the API, and the API takes only the Celery names (``workers.queues``)
+workers never import the API, and the API takes only the Celery names (``nds.workers.queues``)
 from the workers, never their Celery application or tasks. No import cycle among the
 modules of ``catalog/``, ``workers/`` and ``api/``: an import inside a function counts
 (it runs when called); one under ``if TYPE_CHECKING:`` does not (it never runs).
@@ -13,15 +13,17 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("catalog", "workers", "api")
+# folder in the repository -> the import name it installs as
+PACKAGES = {"catalog": "nds.catalog", "workers": "nds.workers", "api": "nds.api", "plugins": "nds.plugins",
+            "samples": "nds.samples", "client/nds_client": "nds_client"}
 
 
 def module_files() -> dict[str, Path]:
     found = {}
-    for package in PACKAGES:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            parts = path.relative_to(ROOT).with_suffix("").parts
-            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    for folder, package in PACKAGES.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = path.relative_to(ROOT / folder).with_suffix("").parts
+            name = ".".join((package, *(parts[:-1] if parts[-1] == "__init__" else parts)))
             found[name] = path
     return found
 
@@ -129,20 +131,20 @@ def test_the_cycle_finder_finds_one() -> None:
 def test_layers() -> None:
     broken = []
     for module, path in module_files().items():
-        layer = module.split(".")[0]
+        layer = module.removeprefix("nds.").split(".")[0]
         for name in imported_names(module, path):
-            top = name.split(".")[0]
+            top = name.removeprefix("nds.").split(".")[0] if name.startswith("nds.") else name.split(".")[0]
             if layer == "catalog" and top in ("api", "workers"):
                 broken.append(f"{module} imports {name}: the catalog knows nothing of the API or the workers")
             elif layer == "workers" and top == "api":
                 broken.append(f"{module} imports {name}: the workers know nothing of the API")
-            elif layer == "api" and top == "workers" and name not in ("workers", "workers.queues") and not name.startswith("workers.queues."):
-                broken.append(f"{module} imports {name}: the API takes only the Celery names (workers.queues) from the workers")
+            elif layer == "api" and top == "workers" and name not in ("workers", "nds.workers.queues") and not name.startswith("nds.workers.queues."):
+                broken.append(f"{module} imports {name}: the API takes only the Celery names (nds.workers.queues) from the workers")
     assert not broken, "\n".join(broken)
 
 
 def test_jobs_does_not_import_the_kinds_it_runs() -> None:
-    """The kinds register themselves (catalog.job_kinds imports them); jobs looks them up."""
+    """The kinds register themselves (nds.catalog.job_kinds imports them); jobs looks them up."""
     graph = import_graph()
-    assert not graph["catalog.jobs"] & {"catalog.registration", "catalog.indexing", "catalog.job_kinds"}
-    assert {"catalog.registration", "catalog.indexing"} <= graph["catalog.job_kinds"]
+    assert not graph["nds.catalog.jobs"] & {"nds.catalog.registration", "nds.catalog.indexing", "nds.catalog.job_kinds"}
+    assert {"nds.catalog.registration", "nds.catalog.indexing"} <= graph["nds.catalog.job_kinds"]

@@ -11,15 +11,15 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
-from catalog.context import CatalogContext
-from catalog.db import upgrade
-from catalog.errors import ConflictError, InvalidInputError, NotFoundError
-from catalog.indexing import IndexRequest, start_indexing
-from catalog.jobs import InlineDispatcher, get_job
-from catalog.models import Assignment, Cluster, Dataset, DatasetStatus, Expert, JobStatus
-from catalog.onnx_runtime import create_session, read_metadata, run
-from catalog.registration import RegistrationRequest, start_registration
-from catalog.settings import load_settings
+from nds.catalog.context import CatalogContext
+from nds.catalog.db import upgrade
+from nds.catalog.indexing import IndexRequest, start_indexing
+from nds.catalog.jobs import InlineDispatcher, get_job
+from nds.catalog.registration import RegistrationRequest, start_registration
+from nds.catalog.settings import load_settings
+from nds.catalog.tables import Assignment, Cluster, Dataset, DatasetStatus, Expert, JobStatus
+from nds_client.errors import ConflictError, InvalidInputError, NotFoundError
+from nds_client.runtime import create_session, read_metadata, run
 from tests.conftest import LOOPBACK, wait_job, write_images
 
 pytestmark = pytest.mark.slow  # trains networks or runs processes: not in `make test-fast`
@@ -83,7 +83,7 @@ def test_pipeline_result_and_rows(indexed):
     collection = "emb-" + ds.backbone
     assert ctx.vectors.count(collection, dataset_id=ids["stripes"]) == 24
     first = assignments[0]
-    from catalog.search import search
+    from nds.catalog.retrieval.search import search
 
     vector = ctx.vectors.fetch_vectors(collection, [first.sample_id])[0]
     hits = search(ctx, vectors=[vector.tolist()], k=24)["results"][0]
@@ -205,7 +205,7 @@ def test_undecodable_dataset_fails_cleanly(indexed, tmp_path):
 
 
 def test_rest_index_experts_and_download(indexed):
-    from api.app import create_app
+    from nds.api.app import create_app
 
     ctx, ids, _, settings = indexed
     with TestClient(create_app(settings), base_url=LOOPBACK) as api:
@@ -243,7 +243,7 @@ def test_rest_index_experts_and_download(indexed):
 def test_cli_index_and_experts_list(indexed, tmp_path):
     from typer.testing import CliRunner
 
-    from api.cli import app
+    from nds.api.cli import app
 
     _, ids, _, settings = indexed
     env = {"NDS_HOME": str(settings.home), "NDS_DATA_ROOTS": str(settings.data_roots[0]), "NDS_DATABASE_URL": "", "NDS_BROKER_URL": "", "COLUMNS": "200"}
@@ -261,7 +261,7 @@ def test_cli_index_and_experts_list(indexed, tmp_path):
 
 
 def test_search_by_example(indexed):
-    from api.app import create_app
+    from nds.api.app import create_app
 
     ctx, ids, _, settings = indexed
     with Session(ctx.engine) as session:

@@ -7,12 +7,12 @@ import pytest
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
-from api.dispatch import CeleryDispatcher
-from catalog import jobs
-from catalog.db import session_scope
-from catalog.errors import ServiceUnavailableError
-from catalog.jobs import CPU, InlineDispatcher, JobKind, create_job, get_job, job_kind, register_job_kind, run_job, submit_or_undo
-from catalog.models import Dataset, DatasetStatus, JobStatus
+from nds.api.dispatch import CeleryDispatcher
+from nds.catalog import jobs
+from nds.catalog.db import session_scope
+from nds.catalog.jobs import CPU, InlineDispatcher, JobKind, create_job, get_job, job_kind, register_job_kind, run_job, submit_or_undo
+from nds.catalog.tables import Dataset, DatasetStatus, JobStatus
+from nds_client.errors import ServiceUnavailableError
 from tests.conftest import write_images
 
 UNREACHABLE_BROKER = "redis://127.0.0.1:1/0"  # nothing listens on port 1: sending fails at once
@@ -56,9 +56,9 @@ def stored(ctx, job_id: str):  # noqa: ANN001, ANN201
 
 
 def test_the_catalog_kinds_are_registered_by_their_modules() -> None:
-    import catalog.job_kinds  # noqa: F401
-    from catalog.indexing import restore_status, run_indexing
-    from catalog.registration import remove_partial_dataset, run_registration
+    import nds.catalog.job_kinds  # noqa: F401
+    from nds.catalog.indexing import restore_status, run_indexing
+    from nds.catalog.registration import remove_partial_dataset, run_registration
 
     assert job_kind("register") == JobKind("register", run_registration, "cpu", remove_partial_dataset)
     assert job_kind("index") == JobKind("index", run_indexing, "gpu", restore_status)
@@ -119,7 +119,7 @@ def test_a_job_of_an_unregistered_kind_fails(ctx) -> None:
 
 
 def test_a_registration_that_cannot_be_queued_fails_and_leaves_nothing(ctx, data_root) -> None:
-    from catalog.registration import RegistrationRequest, start_registration
+    from nds.catalog.registration import RegistrationRequest, start_registration
 
     folder = write_images(data_root / "src", n=2)
     dataset, job = start_registration(ctx, RegistrationRequest(name="src", path=str(folder)))
@@ -136,8 +136,8 @@ def test_a_registration_that_cannot_be_queued_fails_and_leaves_nothing(ctx, data
 
 
 def test_an_index_job_that_cannot_be_queued_gives_the_dataset_back(ctx, data_root) -> None:
-    from catalog.indexing import IndexRequest, start_indexing
-    from catalog.registration import RegistrationRequest, start_registration
+    from nds.catalog.indexing import IndexRequest, start_indexing
+    from nds.catalog.registration import RegistrationRequest, start_registration
 
     folder = write_images(data_root / "src", n=4)
     dataset, job = start_registration(ctx, RegistrationRequest(name="src", path=str(folder)))
@@ -157,7 +157,7 @@ def test_an_index_job_that_cannot_be_queued_gives_the_dataset_back(ctx, data_roo
 
 
 def test_the_cli_in_server_mode_undoes_a_registration_it_cannot_queue(nds, cli_env, settings, data_root) -> None:
-    from catalog.db import upgrade
+    from nds.catalog.db import upgrade
 
     folder = write_images(data_root / "src", n=2)
     upgrade(settings)  # with a broker set, the CLI expects a migrated catalog

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import create_engine, inspect
 
-from catalog.db import downgrade, head_revision, upgrade
-from catalog.settings import load_settings
+from nds.catalog.db import downgrade, head_revision, upgrade
+from nds.catalog.settings import load_settings
 
 TABLES = {"datasets", "samples", "clusters", "assignments", "groups", "experts", "jobs", "queries"}
 
@@ -36,7 +36,7 @@ def test_postgresql_up_down(services, tmp_path):
 
 
 def test_unreachable_database_is_a_clear_error(tmp_path):
-    from catalog.errors import ServiceUnavailableError
+    from nds_client.errors import ServiceUnavailableError
 
     settings = load_settings(home=tmp_path, database_url="postgresql+psycopg://nds:nds@127.0.0.1:1/nds")
     with pytest.raises(ServiceUnavailableError, match="cannot reach the catalog database"):

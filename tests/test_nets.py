@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from catalog.errors import ArtifactError, InvalidInputError
-from catalog.nets import NetConfig, build_net
-from catalog.onnx_export import ParityError, check_parity, export_onnx
-from catalog.onnx_runtime import active_provider, create_session, read_metadata, run
-from catalog.training import TrainConfig, embed, rotate_batch, to_tensor, train_classifier, train_rotation
+from nds.catalog.model.export import ParityError, check_parity, export_onnx
+from nds.catalog.model.nets import NetConfig, build_net
+from nds.catalog.model.training import TrainConfig, embed, rotate_batch, to_tensor, train_classifier, train_rotation
+from nds_client.errors import ArtifactError, InvalidInputError
+from nds_client.runtime import active_provider, create_session, read_metadata, run
 
 NORM = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 SMALL = NetConfig(width=8, input_size=32)  # fast enough for training tests on 2 cores
@@ -229,6 +229,6 @@ def test_runtime_errors_and_no_torch_import(tmp_path: Path) -> None:
         create_session(garbage)
     with pytest.raises(ArtifactError):
         read_metadata(garbage)
-    code = "import sys, catalog.onnx_runtime; sys.exit(int(any(m in sys.modules for m in ('torch', 'sqlalchemy'))))"
+    code = "import sys, nds_client.runtime; sys.exit(int(any(m in sys.modules for m in ('torch', 'sqlalchemy'))))"
     root = Path(__file__).resolve().parents[1]
     assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0

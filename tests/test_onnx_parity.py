@@ -16,9 +16,9 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from catalog.nets import NetConfig, build_net
-from catalog.onnx_export import ParityError, check_parity, export_onnx, parity_differences, parity_tolerances
-from catalog.training import TrainConfig, cpu_has_native_bf16, train_classifier, train_rotation
+from nds.catalog.model.export import ParityError, check_parity, export_onnx, parity_differences, parity_tolerances
+from nds.catalog.model.nets import NetConfig, build_net
+from nds.catalog.model.training import TrainConfig, cpu_has_native_bf16, train_classifier, train_rotation
 
 pytestmark = pytest.mark.slow  # trains and exports dozens of networks: not in `make test-fast`
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from catalog.errors import PluginError
-from plugins.registry import Registry, source_registry
+from nds.plugins.registry import Registry, source_registry
+from nds_client.errors import PluginError
 
 
 def install_fake_distribution(site: Path, name: str, entry_points: str, module_src: str | None = None) -> None:
@@ -23,7 +23,7 @@ def install_fake_distribution(site: Path, name: str, entry_points: str, module_s
 
 THIRD_PARTY = '''
 from pathlib import Path
-from plugins.sources.base import Source, SourceItem
+from nds.plugins.sources.base import Source, SourceItem
 
 class ListSource(Source):
     """Reads a text file with one image path per line."""
@@ -49,15 +49,15 @@ def test_unknown_name_lists_known_and_hints():
 
 def test_dotted_path_and_broken_path():
     registry = source_registry()
-    assert registry.get("plugins.sources.manifest:ManifestSource").name == "manifest"
+    assert registry.get("nds.plugins.sources.manifest:ManifestSource").name == "manifest"
     with pytest.raises(PluginError, match="could not be loaded"):
-        registry.get("plugins.sources.nothing:Nope")
+        registry.get("nds.plugins.sources.nothing:Nope")
 
 
 def test_third_party_entry_point_registers_a_source(tmp_path, monkeypatch, ctx, data_root):
     """A package that declares an nds.sources entry point becomes usable by name."""
-    from catalog.jobs import InlineDispatcher
-    from catalog.registration import RegistrationRequest, start_registration
+    from nds.catalog.jobs import InlineDispatcher
+    from nds.catalog.registration import RegistrationRequest, start_registration
     from tests.conftest import write_images
 
     site = tmp_path / "site"
@@ -73,7 +73,7 @@ def test_third_party_entry_point_registers_a_source(tmp_path, monkeypatch, ctx, 
     InlineDispatcher(ctx).submit(job)
     from sqlmodel import Session
 
-    from catalog.models import Dataset
+    from nds.catalog.tables import Dataset
 
     with Session(ctx.engine) as session:
         assert session.get(Dataset, dataset.id).num_samples == 2

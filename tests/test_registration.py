@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from sqlmodel import Session, select
 
-from catalog.errors import ConflictError, InvalidInputError, SourceError
-from catalog.jobs import InlineDispatcher, get_job
-from catalog.models import Dataset, DatasetStatus, JobStatus, Sample
-from catalog.registration import RegistrationRequest, start_registration
+from nds.catalog.jobs import InlineDispatcher, get_job
+from nds.catalog.registration import RegistrationRequest, start_registration
+from nds.catalog.tables import Dataset, DatasetStatus, JobStatus, Sample
+from nds_client.errors import ConflictError, InvalidInputError, SourceError
 from tests.conftest import write_images
 
 
@@ -155,7 +155,7 @@ def test_all_images_corrupt_fails_and_leaves_nothing(ctx, data_root):
 
 def test_failure_half_way_leaves_no_partial_dataset(ctx, data_root, monkeypatch):
     folder = write_images(data_root / "src", n=3)
-    import catalog.registration as registration
+    import nds.catalog.registration as registration
 
     def explode(*args, **kwargs):
         raise OSError("disk on fire")

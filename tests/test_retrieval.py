@@ -12,9 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
-from catalog.errors import InvalidInputError
-from catalog.models import Query
-from catalog.retrieval import (
+from nds.catalog.retrieval.queries import (
     DEFAULT_TEMPERATURE,
     QueryRequest,
     iter_manifest,
@@ -23,7 +21,9 @@ from catalog.retrieval import (
     sample_groups,
     softmax,
 )
-from catalog.synthetic import add_indexed_dataset
+from nds.catalog.tables import Query
+from nds.samples.synthetic import add_indexed_dataset
+from nds_client.errors import InvalidInputError
 from tests.conftest import LOOPBACK
 
 
@@ -155,7 +155,7 @@ def test_with_replacement_repeats(catalog):
 
 def test_sampler_is_o_g_plus_b():
     """The sampler never looks at samples: a billion-sample table costs the same as a small one."""
-    from catalog.retrieval import GroupTable
+    from nds.catalog.retrieval.queries import GroupTable
 
     sizes = np.full(1000, 10**6, dtype=np.int64)
     table = GroupTable(np.zeros(1000, np.int64), np.arange(1000), [None] * 1000, sizes, np.full(1000, 1e-3))
@@ -167,7 +167,7 @@ def test_sampler_is_o_g_plus_b():
 def test_sampler_picks_are_sorted_unique_and_uniform_inside_groups(big):
     """Each (group, rank) once, sorted, counts adding up to the budget; ranks uniform inside a group.
     ``big``: more than 2**31 samples in all, so positions no longer fit int32."""
-    from catalog.retrieval import GroupTable
+    from nds.catalog.retrieval.queries import GroupTable
 
     sizes = np.array([7, 1, 50, 3_000_000_000 if big else 20], dtype=np.int64)
     table = GroupTable(np.zeros(4, np.int64), np.arange(4), [None] * 4, sizes, np.array([0.3, 0.1, 0.4, 0.2]))
@@ -238,7 +238,7 @@ def test_recommendation(catalog):
 
 
 def test_rest_queries_and_manifest_formats(settings, catalog):
-    from api.app import create_app
+    from nds.api.app import create_app
 
     ctx, a, b = catalog
     with TestClient(create_app(settings), base_url=LOOPBACK) as api:
@@ -287,8 +287,8 @@ def test_manifest_dataset_and_sampler(tmp_path, ctx, data_root):
     import torchvision
     from torch.utils.data import DataLoader
 
-    from api.manifest_dataset import ManifestDataset
-    from plugins.exporters.imagefolder import build_tree
+    from nds.plugins.exporters.imagefolder import build_tree
+    from nds_client.manifest_dataset import ManifestDataset
     from tests.conftest import write_images
 
     folder = write_images(data_root / "imgs", labels=("cat", "dog"), n=3)

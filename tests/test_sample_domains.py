@@ -1,4 +1,4 @@
-"""Sample image domains built from packaged images (catalog.sample_domains)."""
+"""Sample image domains built from packaged images (nds.samples.domains)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from catalog import sample_domains as sd
-from catalog.sample_domains import (
+from nds.samples import domains as sd
+from nds.samples.domains import (
     ALL_DOMAINS,
     DOMAINS,
     DomainImages,

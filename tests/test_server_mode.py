@@ -11,7 +11,7 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from api.local_server import LocalServer
+from nds.api.local_server import LocalServer
 from tests.conftest import LOOPBACK, wait_job, write_images
 from tests.server_mode import server_env, server_home, server_settings, worker  # noqa: F401 - fixtures
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.server
 
 
 def test_api_registration_runs_on_the_celery_worker(server_settings, worker):
-    from api.app import create_app
+    from nds.api.app import create_app
 
     folder = write_images(server_settings.data_roots[0] / "src", n=6)
     with TestClient(create_app(server_settings), base_url=LOOPBACK) as api:
@@ -48,7 +48,7 @@ def test_cli_in_server_mode_queues_on_the_worker(server_settings, worker):
 
 
 def test_bad_input_in_server_mode(server_settings, worker):
-    from api.app import create_app
+    from nds.api.app import create_app
 
     with TestClient(create_app(server_settings), base_url=LOOPBACK) as api:
         resp = api.post("/v1/datasets", json={"name": "x", "path": "/etc"})
@@ -67,11 +67,11 @@ def test_a_transient_error_on_the_worker_is_retried_not_failed(server_settings, 
     queue and succeeds on the Celery task's retry, instead of failing."""
     from sqlmodel import Session
 
-    from api.dispatch import CeleryDispatcher
-    from catalog.context import CatalogContext
-    from catalog.jobs import get_job, submit_or_undo
-    from catalog.models import Dataset
-    from catalog.registration import RegistrationRequest, start_registration
+    from nds.api.dispatch import CeleryDispatcher
+    from nds.catalog.context import CatalogContext
+    from nds.catalog.jobs import get_job, submit_or_undo
+    from nds.catalog.registration import RegistrationRequest, start_registration
+    from nds.catalog.tables import Dataset
     from tests.flaky_source import MARKER
 
     folder = write_images(server_settings.data_roots[0] / "flaky", n=3)
@@ -102,9 +102,9 @@ def test_index_on_the_worker_survives_a_killed_worker(server_settings, worker):
     completes with exactly one artifact and one catalog row per expert."""
     from sqlmodel import Session, select
 
-    from api.app import create_app
-    from catalog.context import CatalogContext
-    from catalog.models import Expert
+    from nds.api.app import create_app
+    from nds.catalog.context import CatalogContext
+    from nds.catalog.tables import Expert
 
     folder = write_images(server_settings.data_roots[0] / "killme", n=40, size=32)
     with TestClient(create_app(server_settings), base_url=LOOPBACK) as api:
@@ -149,7 +149,7 @@ def test_index_on_the_worker_survives_a_killed_worker(server_settings, worker):
 def test_redis_down_new_jobs_503_reads_served_then_recovers(services, server_settings, worker):
     """With the broker down the API refuses new jobs with a clear 503 (and stores nothing),
     keeps serving reads, and takes jobs again once Redis is back."""
-    from api.app import create_app
+    from nds.api.app import create_app
 
     folder = write_images(server_settings.data_roots[0] / "redis-src", n=3)
     with TestClient(create_app(server_settings), base_url=LOOPBACK) as api:
@@ -185,8 +185,8 @@ def test_postgres_restart_under_load_fails_cleanly_then_recovers(services, serve
 
     import httpx
 
-    from catalog.context import CatalogContext
-    from catalog.synthetic import add_indexed_dataset
+    from nds.catalog.context import CatalogContext
+    from nds.samples.synthetic import add_indexed_dataset
 
     with CatalogContext.open(server_settings) as ctx:
         ds = add_indexed_dataset(ctx, "pg-load", clusters=3, labels=["x", "y"], samples_per_group=20)

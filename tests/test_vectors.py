@@ -19,20 +19,20 @@ import numpy as np
 import pytest
 from qdrant_client import QdrantClient
 
-from catalog.errors import (
-    InvalidInputError,
-    NotFoundError,
-    ServiceUnavailableError,
-    VectorStoreBusyError,
-    VectorStoreError,
-)
-from catalog.settings import load_settings
-from catalog.vectors import (
+from nds.catalog.settings import load_settings
+from nds.catalog.vectors import (
     EdgeVectorStore,
     QdrantServerStore,
     VectorHit,
     VectorStore,
     open_vector_store,
+)
+from nds_client.errors import (
+    InvalidInputError,
+    NotFoundError,
+    ServiceUnavailableError,
+    VectorStoreBusyError,
+    VectorStoreError,
 )
 
 # qdrant-client's local mode keeps no payload indexes and says so; that is expected here.
@@ -275,7 +275,7 @@ CHILD = textwrap.dedent(
     import json, sys
     import numpy as np
     from pathlib import Path
-    from catalog.vectors import EdgeVectorStore
+    from nds.catalog.vectors import EdgeVectorStore
 
     path, action, start, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     store = EdgeVectorStore(Path(path))

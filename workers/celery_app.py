@@ -1,6 +1,6 @@
 """The Celery application of server mode: its queues (``workers/queues.py``), one task at a time.
 
-Started by ``nds worker --queues cpu,gpu`` (``celery -A workers.celery_app worker``).
+Started by ``nds worker --queues cpu,gpu`` (``celery -A nds.workers.celery_app worker``).
 Settings come from the same ``NDS_*`` variables as everything else. Tasks are
 idempotent, so they are acknowledged late and redelivered if a worker dies; the Redis
 visibility timeout is longer than the longest training job, so a slow task is not
@@ -12,12 +12,12 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Exchange, Queue
 
-from catalog.settings import Settings, load_settings
-from workers.queues import DEFAULT_QUEUE, QUEUES
+from nds.catalog.settings import Settings, load_settings
+from nds.workers.queues import DEFAULT_QUEUE, QUEUES
 
 
 def create_celery(settings: Settings) -> Celery:
-    app = Celery("nds", broker=settings.broker_url, include=["workers.tasks"])
+    app = Celery("nds", broker=settings.broker_url, include=["nds.workers.tasks"])
     app.conf.update(
         task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES.values()],
         task_default_queue=DEFAULT_QUEUE,

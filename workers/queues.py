@@ -8,8 +8,8 @@ without building the worker's Celery application.
 
 from __future__ import annotations
 
-import catalog.job_kinds  # noqa: F401 - every job kind registered, for queue_for
-from catalog.jobs import CPU, QUEUE_CLASSES, job_kind
+import nds.catalog.job_kinds  # noqa: F401 - every job kind registered, for queue_for
+from nds.catalog.jobs import CPU, QUEUE_CLASSES, job_kind
 
 RUN_JOB_TASK = "nds.run_job"
 #: queue class of a job kind -> the Celery queue of the workers that run it (same name)

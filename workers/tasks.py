@@ -18,13 +18,13 @@ import socket
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
 from sqlalchemy.exc import OperationalError
 
-from catalog.context import CatalogContext
-from catalog.db import session_scope
-from catalog.errors import ServiceUnavailableError
-from catalog.jobs import get_job, orphaned_jobs, process_alive, run_job, this_process
-from catalog.settings import load_settings
-from workers.celery_app import app
-from workers.queues import RUN_JOB_TASK, queue_for
+from nds.catalog.context import CatalogContext
+from nds.catalog.db import session_scope
+from nds.catalog.jobs import get_job, orphaned_jobs, process_alive, run_job, this_process
+from nds.catalog.settings import load_settings
+from nds.workers.celery_app import app
+from nds.workers.queues import RUN_JOB_TASK, queue_for
+from nds_client.errors import ServiceUnavailableError
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Path, Response
 from fastapi.responses import FileResponse
 
-from api.deps import CtxDep, PrincipalDep, SessionDep
-from api.files import ONNX_RESPONSES, file_with_etag
-from catalog.spaces import list_spaces, space_model
+from nds.api.deps import CtxDep, PrincipalDep, SessionDep
+from nds.api.files import ONNX_RESPONSES, file_with_etag
+from nds.catalog.spaces import list_spaces, space_model
 
 router = APIRouter(prefix="/v1/backbones", tags=["backbones"])
 

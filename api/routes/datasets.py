@@ -6,16 +6,16 @@ from collections.abc import Callable
 
 from fastapi import APIRouter, Response, status
 
-from api.deps import AdminDep, CtxDep, DispatcherDep, IdPath, LimitDep, OffsetDep, PrincipalDep, SessionDep
-from api.schemas import DatasetAccess, DatasetAccessBody, DatasetRegister, DatasetRegistered, IndexBody
-from catalog import access
-from catalog import datasets as repo
-from catalog.db import session_scope
-from catalog.errors import InvalidInputError
-from catalog.indexing import IndexRequest, start_indexing
-from catalog.jobs import get_job, submit_or_undo
-from catalog.models import ClusterPublic, Dataset, DatasetPublic, DatasetsPublic, JobPublic, SamplePublic, SamplesPublic
-from catalog.registration import RegistrationRequest, start_registration
+from nds.api.deps import AdminDep, CtxDep, DispatcherDep, IdPath, LimitDep, OffsetDep, PrincipalDep, SessionDep
+from nds.api.schemas import DatasetAccess, DatasetAccessBody, DatasetRegister, DatasetRegistered, IndexBody
+from nds.catalog import access
+from nds.catalog import datasets as repo
+from nds.catalog.db import session_scope
+from nds.catalog.indexing import IndexRequest, start_indexing
+from nds.catalog.jobs import get_job, submit_or_undo
+from nds.catalog.registration import RegistrationRequest, start_registration
+from nds.catalog.tables import ClusterPublic, Dataset, DatasetPublic, DatasetsPublic, JobPublic, SamplePublic, SamplesPublic
+from nds_client.errors import InvalidInputError
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 

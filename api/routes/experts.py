@@ -7,10 +7,10 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import FileResponse
 
-from api.deps import MAX_ID, CtxDep, IdPath, LimitDep, OffsetDep, PrincipalDep, SessionDep
-from api.files import ONNX_RESPONSES, file_with_etag
-from catalog.experts import get_expert, list_experts
-from catalog.models import ExpertKind, ExpertPublic, ExpertsPublic
+from nds.api.deps import MAX_ID, CtxDep, IdPath, LimitDep, OffsetDep, PrincipalDep, SessionDep
+from nds.api.files import ONNX_RESPONSES, file_with_etag
+from nds.catalog.experts import get_expert, list_experts
+from nds.catalog.tables import ExpertKind, ExpertPublic, ExpertsPublic
 
 router = APIRouter(prefix="/v1/experts", tags=["experts"])
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from api.deps import AdminDep, SessionDep
-from catalog.jobs import get_job
-from catalog.models import JobPublic
+from nds.api.deps import AdminDep, SessionDep
+from nds.catalog.jobs import get_job
+from nds.catalog.tables import JobPublic
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 
-from api.deps import AdminDep, CtxDep, IdPath, SessionDep
-from api.schemas import KeyCreate
-from catalog import access
-from catalog.db import session_scope
-from catalog.models import ApiKeyCreated, ApiKeyPublic, ApiKeysPublic
+from nds.api.deps import AdminDep, CtxDep, IdPath, SessionDep
+from nds.api.schemas import KeyCreate
+from nds.catalog import access
+from nds.catalog.db import session_scope
+from nds.catalog.tables import ApiKeyCreated, ApiKeyPublic, ApiKeysPublic
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"])
 

@@ -8,11 +8,11 @@ from fastapi import APIRouter, status
 from fastapi import Query as Q
 from fastapi.responses import StreamingResponse
 
-from api.deps import CtxDep, LimitDep, OffsetDep, PrincipalDep, SessionDep
-from api.schemas import QueryBody, QueryPublic, SearchBody, SearchResult
-from catalog.errors import InvalidInputError, PluginError
-from catalog.retrieval import QueryRequest, get_query, iter_manifest, run_query
-from catalog.search import search
+from nds.api.deps import CtxDep, LimitDep, OffsetDep, PrincipalDep, SessionDep
+from nds.api.schemas import QueryBody, QueryPublic, SearchBody, SearchResult
+from nds.catalog.retrieval.queries import QueryRequest, get_query, iter_manifest, run_query
+from nds.catalog.retrieval.search import search
+from nds_client.errors import InvalidInputError, PluginError
 
 router = APIRouter(tags=["queries"])
 

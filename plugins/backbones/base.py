@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from catalog.artifacts import ArtifactStore
-from catalog.vectors import collection_name
+from nds.catalog.artifacts import ArtifactStore
+from nds.catalog.vectors import collection_name
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -12,11 +12,11 @@ import json
 
 import numpy as np
 
-from catalog.artifacts import sha256_file
-from catalog.errors import ArtifactError, InvalidInputError, PluginError
-from catalog.onnx_runtime import create_session, read_metadata
-from catalog.paths import resolve_in_roots
-from plugins.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneEnv, normalize_rows, to_nchw
+from nds.catalog.artifacts import sha256_file
+from nds.catalog.paths import resolve_in_roots
+from nds.plugins.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneEnv, normalize_rows, to_nchw
+from nds_client.errors import ArtifactError, InvalidInputError, PluginError
+from nds_client.runtime import create_session, read_metadata
 
 
 class OnnxBackbone(Backbone):

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from catalog.artifacts import sha256_file
-from catalog.errors import PluginError
-from catalog.onnx_runtime import create_session, run
-from plugins.backbones.base import Backbone, BackboneEnv, normalize_rows, to_nchw
+from nds.catalog.artifacts import sha256_file
+from nds.plugins.backbones.base import Backbone, BackboneEnv, normalize_rows, to_nchw
+from nds_client.errors import PluginError
+from nds_client.runtime import create_session, run
 
 POINTER = "backbones/default.json"
 INPUT_SIZE = 64
@@ -67,10 +67,10 @@ def load(arg: str | None, env: BackboneEnv) -> Backbone:
 
 
 def _train(env: BackboneEnv) -> None:
-    from catalog.nets import NetConfig
-    from catalog.onnx_export import export_onnx
-    from catalog.training import TrainConfig, train_rotation
-    from plugins.backbones.base import IMAGENET_MEAN, IMAGENET_STD
+    from nds.catalog.model.export import export_onnx
+    from nds.catalog.model.nets import NetConfig
+    from nds.catalog.model.training import TrainConfig, train_rotation
+    from nds.plugins.backbones.base import IMAGENET_MEAN, IMAGENET_STD
 
     if env.training_images is None:
         raise PluginError("the default backbone needs registered images to train on")

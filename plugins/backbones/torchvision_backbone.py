@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from catalog.artifacts import sha256_file
-from catalog.errors import PluginError
-from plugins.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneEnv, normalize_rows, to_nchw
+from nds.catalog.artifacts import sha256_file
+from nds.plugins.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneEnv, normalize_rows, to_nchw
+from nds_client.errors import PluginError
 
 
 class TorchvisionBackbone(Backbone):

@@ -1,7 +1,7 @@
 """``imagefolder``: a directory tree DEST/<label>/<file> that torchvision's ImageFolder and
 FiftyOne read, made of symlinks (default) or copies of the manifest's images.
 
-Folder names come from :func:`plugins.exporters.names.label_folder_names`: one folder per
+Folder names come from :func:`nds.plugins.exporters.names.label_folder_names`: one folder per
 distinct label, the label's Unicode kept, only what a file system cannot hold
 percent-encoded, collisions (``Cat``/``cat`` on a case-insensitive disk, over-long labels)
 told apart with ``~2``/a hash. Unlabelled samples go under ``_unlabelled``. ``labels.json``
@@ -26,9 +26,9 @@ import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from catalog.errors import InvalidInputError
-from plugins.exporters.base import Row
-from plugins.exporters.names import UNLABELLED, UniqueNames, label_folder_names
+from nds.plugins.exporters.base import Row
+from nds.plugins.exporters.names import UNLABELLED, UniqueNames, label_folder_names
+from nds_client.errors import InvalidInputError
 
 __all__ = ["LABELS_FILE", "UNLABELLED", "JsonlRows", "build_tree", "label_folder_names"]
 
@@ -57,7 +57,7 @@ def build_tree(rows: Iterable[Row], dest: Path, *, copy: bool = False, data_root
     """Write the tree and ``labels.json``; returns the number of image files. DEST must be empty or absent.
 
     A client key's manifest names files relative to the server's data roots
-    (``catalog.uris``): ``data_root`` is where this machine sees that root; without it
+    (``nds.catalog.uris``): ``data_root`` is where this machine sees that root; without it
     such a manifest is refused before anything is written (remote uris always are).
 
     ``rows`` is read twice (labels first, so that folder names do not depend on row

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from plugins.exporters.base import COLUMNS, Exporter, Row
+from nds.plugins.exporters.base import COLUMNS, Exporter, Row
 
 SCHEMA = pa.schema(
     [

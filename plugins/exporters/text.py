@@ -7,7 +7,7 @@ import io
 import json
 from collections.abc import Iterable, Iterator
 
-from plugins.exporters.base import COLUMNS, Exporter, Row
+from nds.plugins.exporters.base import COLUMNS, Exporter, Row
 
 
 def _cell(value: object) -> object:

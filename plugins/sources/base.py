@@ -4,7 +4,7 @@ A source enumerates the items of a dataset (an absolute file path and an optiona
 without reading the images; the catalog reads, hashes and decodes them. Enumeration is
 cheap and deterministic, so it runs once to validate a request and again in the job.
 Structural problems (missing folder, missing columns, a malformed row) raise
-:class:`~catalog.errors.SourceError` naming the field and, for manifests, the line.
+:class:`~nds_client.errors.SourceError` naming the field and, for manifests, the line.
 """
 
 from __future__ import annotations

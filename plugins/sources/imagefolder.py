@@ -10,8 +10,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from catalog.errors import SourceError
-from plugins.sources.base import Source, SourceItem
+from nds.plugins.sources.base import Source, SourceItem
+from nds_client.errors import SourceError
 
 
 class ImageFolderSource(Source):

@@ -2,16 +2,16 @@
 
 Downloads the server's experts (cached, sha256-checked), runs them on the target images
 locally, prints a ranked table of experts and writes the scores as plain JSON
-(:meth:`api.client.Scores.save`), which ``nds query --scores`` reads. The images never
+(:meth:`nds_client.client.Scores.save`), which ``nds query --scores`` reads. The images never
 leave this machine.
 
 ``api/cli.py`` adds the command with::
 
-    from api.cli_client import register
+    from nds_client.cli import register
     register(app)
 
 Only the light client modules are imported here (the SDK, typer, rich), so the command
-starts fast and this module never imports ``api.cli`` (no import cycle).
+starts fast and this module never imports ``nds.api.cli`` (no import cycle).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from api.console import SafeTable as Table  # escapes every title, header and string cell: the server's names are untrusted
-from api.console import err, handles_errors, out, safe
+from nds_client.console import SafeTable as Table  # escapes every title, header and string cell: the server's names are untrusted
+from nds_client.console import err, handles_errors, out, safe
 
 STAGES = {"download": "downloading experts", "preprocess": "preprocessing images", "score": "scoring experts", "priors": "label priors"}
 
@@ -71,7 +71,7 @@ def score(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Score the server's experts on local target images; print a ranked table; write the scores as JSON."""
-    from api.client import METHODS, ClientInputError, NDSClient, TargetError, read_labels_csv
+    from nds_client.client import METHODS, ClientInputError, NDSClient, TargetError, read_labels_csv
 
     if method not in METHODS:
         raise ClientInputError(f"unknown method {method!r}", field="method", hint=f"one of: {', '.join(METHODS)}")

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from catalog.errors import NDSError, ServiceUnavailableError
+from nds_client.errors import NDSError, ServiceUnavailableError
 
 out = Console()
 err = Console(stderr=True)
@@ -94,7 +94,7 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _settings_error(exc: Exception) -> tuple[str, str] | None:
-    """An invalid ``NDS_*`` setting (pydantic's ValidationError of :class:`catalog.settings.Settings`)
+    """An invalid ``NDS_*`` setting (pydantic's ValidationError of :class:`nds.catalog.settings.Settings`)
     as (message, hint) naming the variables; never their values, which may be secrets."""
     if "pydantic" not in sys.modules:
         return None
@@ -115,6 +115,6 @@ def _database_unavailable(exc: Exception) -> ServiceUnavailableError | None:
     SQLAlchemy, so nothing is imported for them."""
     if "sqlalchemy" not in sys.modules:
         return None
-    from catalog.db import unavailable_database
+    from nds.catalog.db import unavailable_database
 
     return unavailable_database(exc)

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 from sqlalchemy import insert
 
-from catalog.context import CatalogContext
-from catalog.db import session_scope
-from catalog.models import Assignment, Cluster, Dataset, DatasetStatus, Expert, ExpertKind, Group, Sample
+from nds.catalog.context import CatalogContext
+from nds.catalog.db import session_scope
+from nds.catalog.tables import Assignment, Cluster, Dataset, DatasetStatus, Expert, ExpertKind, Group, Sample
 
 
 @dataclass

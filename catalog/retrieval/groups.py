@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from sqlalchemy import Connection, select
 
-from catalog.models import Group
+from nds.catalog.tables import Group
 
 
 @dataclass(frozen=True)

@@ -563,7 +563,7 @@ def _csv(text: str) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m catalog.sample_domains",
+        prog="python -m nds.samples.domains",
         description="Write labelled sample image domains (ROOT/sources/<domain>/<label>/*.png) "
         "and held-out targets (ROOT/targets/<domain>/<label>/*.png) from packaged images.",
     )

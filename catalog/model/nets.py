@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from catalog.errors import InvalidInputError
+from nds_client.errors import InvalidInputError
 
 ARCHITECTURES = ("resnet-narrow",)
 

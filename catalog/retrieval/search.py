@@ -8,11 +8,11 @@ from typing import Any
 import numpy as np
 from sqlmodel import Session, select
 
-from catalog.access import LOCAL, Principal, visible_clause
-from catalog.context import CatalogContext
-from catalog.errors import InvalidInputError
-from catalog.models import Assignment, Dataset, Sample
-from catalog.vectors import collection_name
+from nds.catalog.access import LOCAL, Principal, visible_clause
+from nds.catalog.context import CatalogContext
+from nds.catalog.tables import Assignment, Dataset, Sample
+from nds.catalog.vectors import collection_name
+from nds_client.errors import InvalidInputError
 
 
 def search(

@@ -41,7 +41,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from catalog.errors import (
+from nds.catalog.settings import Settings
+from nds_client.errors import (
     InvalidInputError,
     NDSError,
     NotFoundError,
@@ -49,7 +50,6 @@ from catalog.errors import (
     VectorStoreBusyError,
     VectorStoreError,
 )
-from catalog.settings import Settings
 
 if TYPE_CHECKING:
     from qdrant_client import QdrantClient

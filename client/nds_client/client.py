@@ -2,7 +2,7 @@
 
 The user's images never leave their machine; only numbers do::
 
-    from api.client import NDSClient
+    from nds_client.client import NDSClient
 
     with NDSClient("http://127.0.0.1:8000") as client:
         scores = client.score("my_images/")                      # auto: embedding votes, or rotation accuracy
@@ -11,8 +11,8 @@ The user's images never leave their machine; only numbers do::
         scores.save("scores.json")                               # plain JSON, never a pickle
 
 Light on purpose: it imports httpx, numpy, onnxruntime, pillow and the small torch-free
-project modules :mod:`catalog.images` (the exact preprocessing the server trained the
-experts with), :mod:`catalog.onnx_runtime` and :mod:`catalog.errors`; scikit-learn is
+project modules :mod:`nds_client.images` (the exact preprocessing the server trained the
+experts with), :mod:`nds_client.runtime` and :mod:`nds_client.errors`; scikit-learn is
 imported only by the ``linear-probe`` method.
 
 Experts are cached at ``cache_dir/<sha256>.onnx`` (default ``~/.cache/nds/experts``);
@@ -53,9 +53,9 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from catalog import onnx_runtime
-from catalog.errors import InvalidInputError, NDSError
-from catalog.images import list_image_files, load_images, square_resize
+from nds_client import runtime as onnx_runtime
+from nds_client.errors import InvalidInputError, NDSError
+from nds_client.images import list_image_files, load_images, square_resize
 
 __all__ = [
     "AUTO",
@@ -444,7 +444,7 @@ class _Decoded:
 
 
 def _decode(target: _Target, sizes: Sequence[int], progress: ProgressFn | None) -> _Decoded:
-    """Decode and resize every image once per input size (catalog.images: the server's own preprocessing)."""
+    """Decode and resize every image once per input size (nds_client.images: the server's own preprocessing)."""
     n, sizes = len(target), sorted(set(sizes))
     total = n * len(sizes)
     ok = np.ones(n, dtype=bool)

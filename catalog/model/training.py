@@ -1,4 +1,4 @@
-"""Training the networks of :mod:`catalog.nets`: pure functions, arrays in, module out.
+"""Training the networks of :mod:`nds.catalog.model.nets`: pure functions, arrays in, module out.
 
 No file I/O, no database, no global state: every function takes images as a uint8
 array ``(N, H, W, C)`` already resized to ``net_config.input_size`` and a
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from catalog.errors import InvalidInputError
-from catalog.nets import NarrowResNet, NetConfig, build_net
+from nds.catalog.model.nets import NarrowResNet, NetConfig, build_net
+from nds_client.errors import InvalidInputError
 
 Normalization = tuple[Sequence[float], Sequence[float]]  # (mean, std) per channel, in 0..1 pixel units
 ProgressFn = Callable[[float], None]

@@ -41,11 +41,11 @@ import numpy as np
 from sqlalchemy import Connection, bindparam, insert, tuple_
 from sqlmodel import Session, select
 
-from catalog.access import LOCAL, Principal, visible_dataset_ids
-from catalog.context import CatalogContext
-from catalog.errors import ArtifactError, ConflictError, GoneError, InvalidInputError, NotFoundError
-from catalog.groups import group_cells
-from catalog.models import Assignment, Dataset, Expert, ExpertKind, Group, Query, Sample
+from nds.catalog.access import LOCAL, Principal, visible_dataset_ids
+from nds.catalog.context import CatalogContext
+from nds.catalog.retrieval.groups import group_cells
+from nds.catalog.tables import Assignment, Dataset, Expert, ExpertKind, Group, Query, Sample
+from nds_client.errors import ArtifactError, ConflictError, GoneError, InvalidInputError, NotFoundError
 
 DEFAULT_TEMPERATURE = 0.1
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3  # normalised scores lie in [0, 1]: exp(1 / T) stays finite
@@ -637,7 +637,7 @@ def iter_manifest(
     stays bounded whatever the number of rows.
     """
     versions = {int(k): int(v) for k, v in query.index_versions.items()}
-    show = ctx.shown_uri(principal)  # client keys see uris relative to the data roots (catalog.uris)
+    show = ctx.shown_uri(principal)  # client keys see uris relative to the data roots (nds.catalog.uris)
     with open_picks(ctx, query.id, datasets=set(versions)) as (table, total, read), Session(ctx.engine) as session:
         names = {d.id: d.name for d in session.exec(select(Dataset).where(Dataset.id.in_(list(versions)))).all()}
         _check_versions_exist(session, versions, names)

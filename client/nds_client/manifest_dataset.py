@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler, WeightedRandomSampler
 
-from catalog.errors import InvalidInputError
+from nds_client.errors import InvalidInputError
 
 REQUIRED = ("uri", "count")
 

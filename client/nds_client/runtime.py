@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from catalog.errors import ArtifactError
+from nds_client.errors import ArtifactError
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def read_metadata(source: ModelSource) -> dict[str, str]:
 
 
 def run(session: ort.InferenceSession, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Run a network exported by :mod:`catalog.onnx_export`: float32 (B, C, S, S),
+    """Run a network exported by :mod:`nds.catalog.model.export`: float32 (B, C, S, S),
     already normalised -> (logits (B, num_outputs), features (B, feature_dim))."""
     logits, features = session.run(["logits", "features"], {"images": np.ascontiguousarray(images, dtype=np.float32)})
     return logits, features

@@ -5,7 +5,7 @@ outputs ``logits`` (B, num_outputs) and ``features`` (B, feature_dim). Its
 ``metadata_props`` carry whatever the caller passes (task, input size, normalisation,
 label names, version, hash, ``NetConfig.to_dict()``), so a client can use it alone.
 
-Sessions and metadata reading live in the torch-free :mod:`catalog.onnx_runtime`.
+Sessions and metadata reading live in the torch-free :mod:`nds_client.runtime`.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from catalog.errors import ArtifactError
-from catalog.nets import NetConfig
-from catalog.onnx_runtime import ModelSource, active_provider, create_session, read_metadata  # noqa: F401 (re-exported)
+from nds.catalog.model.nets import NetConfig
+from nds_client.errors import ArtifactError
+from nds_client.runtime import ModelSource, active_provider, create_session, read_metadata  # noqa: F401 (re-exported)
 
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("logits", "features")
