@@ -1,11 +1,11 @@
 """schemathesis against the app's own OpenAPI schema: every endpoint, authenticated, positive
-and negative cases; no 5xx, every 4xx with the JSON error body (benchmarks/fuzz.py runs more)."""
+and negative cases; no 5xx, every 4xx with the JSON error body (`python -m benchmarks.fuzz` runs more)."""
 
 from __future__ import annotations
 
 import pytest
 
-from benchmarks.fuzz import fuzz, fuzz_app
+from tests.fuzzing import fuzz, fuzz_app
 
 pytestmark = pytest.mark.slow  # the whole app under schemathesis: not in `make test-fast`
 
