@@ -4,7 +4,8 @@ Catalog commands (``db``, ``datasets``, ``jobs``, ``plugins``) work on the catal
 settings point at, directly, like ``alembic`` or ``fiftyone`` do: in the embedded default
 they run jobs in this process with a progress bar; in server mode they queue them on
 the Celery workers and follow their progress. ``serve`` runs the REST API and ``worker``
-a Celery worker.
+a Celery worker. ``score`` and ``query`` are the client's commands (:mod:`nds_client.cli`,
+also the ``nds-client`` tool), added to this app as they are.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
-from rich.text import Text
 
+from nds.catalog.index_options import INDEX_LIMITS, IndexRequest  # light: the index command's defaults and limits
 from nds.catalog.settings import Settings, load_settings
 from nds_client.console import SafeTable as Table  # escapes every title, header and string cell: names and labels are untrusted
-from nds_client.console import clean, err, fail, handles_errors, out, safe
+from nds_client.console import err, error_handler, fail, out, safe
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False, help="Neural Data Server: find the source data worth pre-training on.")
 db_app = typer.Typer(no_args_is_help=True, help="Create, upgrade and inspect the catalog schema.")
@@ -42,6 +43,38 @@ app.add_typer(experts_app, name="experts")
 app.add_typer(keys_app, name="keys")
 app.add_typer(artifacts_app, name="artifacts")
 
+
+def _settings_error(exc: Exception) -> tuple[str, str] | None:
+    """An invalid ``NDS_*`` setting (pydantic's ValidationError of :class:`nds.catalog.settings.Settings`)
+    as (message, hint) naming the variables; never their values, which may be secrets."""
+    if "pydantic" not in sys.modules:
+        return None
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError) or exc.title != "Settings":
+        return None
+    problems = []
+    for error in exc.errors(include_url=False, include_input=False, include_context=False):
+        variable = "NDS_" + str(error["loc"][0]).upper() if error.get("loc") else "an NDS_* setting"
+        msg = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        problems.append(msg if msg.startswith(variable) else f"{variable}: {msg}")
+    return "invalid setting: " + "; ".join(problems), "fix or unset it in the environment (or the .env file)"
+
+
+def _database_unavailable(exc: Exception) -> tuple[str, str | None] | None:
+    """The catalog database's connection errors, as :func:`nds.catalog.db.unavailable_database`
+    translates them (looked up only once a command has loaded it: every command that opens the
+    catalog has, and the others start without sqlalchemy)."""
+    if "nds.catalog.db" not in sys.modules:
+        return None
+    from nds.catalog.db import unavailable_database
+
+    unavailable = unavailable_database(exc)
+    return None if unavailable is None else (unavailable.message, unavailable.hint)
+
+
+#: the catalog commands: the project's errors, invalid NDS_* settings and an unreachable database
+handles_errors = error_handler(_settings_error, _database_unavailable)
 
 
 def settings() -> Settings:
@@ -413,15 +446,15 @@ def keys_revoke(name: Annotated[str, typer.Argument(help="Key name, or id (an al
 @handles_errors
 def index(
     name: Annotated[str, typer.Argument(help="Dataset name, or id (an all-digit argument is an id).")],
-    clusters: Annotated[int, typer.Option(help="K: clusters, one rotation expert each.")] = 8,
-    partition: Annotated[str, typer.Option(help="kmeans (on embeddings) or labels (one cluster per label).")] = "kmeans",
-    backbone: Annotated[str, typer.Option(help="default, torchvision:<arch> or onnx:<file>.")] = "default",
-    weights: Annotated[str | None, typer.Option(help="Local weights file for a torchvision backbone.")] = None,
-    image_size: Annotated[int, typer.Option(help="Side in pixels of the experts' inputs.")] = 64,
-    epochs: Annotated[int, typer.Option(help="Training epochs per expert.")] = 8,
-    width: Annotated[int, typer.Option(help="Channels of the experts' first stage.")] = 16,
-    seed: Annotated[int, typer.Option(help="Seed for k-means and training.")] = 0,
-    min_steps: Annotated[int, typer.Option(help="Optimizer steps per network at least: small clusters train more epochs.")] = 150,
+    clusters: Annotated[int, typer.Option(help=INDEX_LIMITS["clusters"].cli_help)] = IndexRequest.clusters,
+    partition: Annotated[str, typer.Option(help="kmeans (on embeddings) or labels (one cluster per label).")] = IndexRequest.partition,
+    backbone: Annotated[str, typer.Option(help="default, torchvision:<arch> or onnx:<file>.")] = IndexRequest.backbone,
+    weights: Annotated[str | None, typer.Option(help="Local weights file for a torchvision backbone.")] = IndexRequest.weights,
+    image_size: Annotated[int, typer.Option(help=INDEX_LIMITS["image_size"].cli_help)] = IndexRequest.image_size,
+    epochs: Annotated[int, typer.Option(help=INDEX_LIMITS["epochs"].cli_help)] = IndexRequest.epochs,
+    width: Annotated[int, typer.Option(help=INDEX_LIMITS["width"].cli_help)] = IndexRequest.width,
+    seed: Annotated[int, typer.Option(help=INDEX_LIMITS["seed"].cli_help)] = IndexRequest.seed,
+    min_steps: Annotated[int, typer.Option(help=INDEX_LIMITS["min_steps"].cli_help)] = IndexRequest.min_steps,
     wait: Annotated[bool, typer.Option("--wait", help="Server mode: follow the job until it ends (the embedded default always does).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the job result as JSON.")] = False,
 ) -> None:
@@ -429,7 +462,7 @@ def index(
     from sqlmodel import Session
 
     from nds.catalog.datasets import find_dataset
-    from nds.catalog.indexing import IndexRequest, start_indexing
+    from nds.catalog.indexing import start_indexing
 
     request = IndexRequest(clusters=clusters, partition=partition, backbone=backbone, weights=weights,
                            image_size=image_size, epochs=epochs, width=width, seed=seed, min_steps=min_steps)
@@ -493,83 +526,6 @@ def experts_list(
             table.add_row(str(e.id), e.kind.value, names.get(e.dataset_id, str(e.dataset_id)), "" if e.cluster is None else str(e.cluster),
                           str(e.input_size), f"{e.metrics.get('heldout_accuracy', 0):.3f}", f"{e.byte_size / 1024:.0f}", e.sha256[:12])
         out.print(table)
-
-
-# --------------------------------------------------------------------------- query
-
-
-MANIFEST_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".parquet": "parquet"}
-
-
-@app.command("query")
-@handles_errors
-def query(
-    server: Annotated[str, typer.Option(help="URL of the server, e.g. http://127.0.0.1:8000.")],
-    scores: Annotated[Path, typer.Option(help="Scores file written by 'nds score' (plain JSON).")],
-    budget: Annotated[int, typer.Option(help="Number of samples to select.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="manifest.csv|.jsonl|.parquet, or a folder with --format imagefolder.")],
-    priors: Annotated[Path | None, typer.Option(help="Label priors JSON: {dataset_id: {label: p}} (default: those in the scores file).")] = None,
-    no_replacement: Annotated[bool, typer.Option("--no-replacement", help="Elastic matcher: no sample twice.")] = False,
-    seed: Annotated[int, typer.Option(help="Seed: the same request and seed give the same manifest.")] = 0,
-    temperature: Annotated[float | None, typer.Option(help="Softmax temperature over normalised scores (default 0.1).")] = None,
-    datasets: Annotated[str | None, typer.Option(help="Comma-separated dataset ids to select from.")] = None,
-    format: Annotated[str | None, typer.Option(help="csv, jsonl, parquet or imagefolder (default: from the output's suffix).")] = None,
-    copy: Annotated[bool, typer.Option("--copy", help="imagefolder: copy the images instead of symlinking them.")] = False,
-    data_root: Annotated[Path | None, typer.Option(help="imagefolder: where this machine sees the server's data root (a client key's manifest names files relative to it).")] = None,
-    token: Annotated[str | None, typer.Option(envvar="NDS_TOKEN", help="API key.")] = None,
-) -> None:
-    """Turn expert scores (and label priors) into a sampled training manifest."""
-    import tempfile
-
-    from nds_client.client import NDSClient, Scores
-    from nds_client.errors import InvalidInputError
-
-    fmt = format or MANIFEST_FORMATS.get(output.suffix.lower())
-    if fmt is None:
-        raise InvalidInputError(f"cannot tell the format of {output.name}", field="output", hint="use .csv, .jsonl, .parquet or --format")
-    loaded = Scores.load(scores)
-    label_priors = loaded.label_priors
-    if priors is not None:
-        try:
-            label_priors = {int(k): v for k, v in json.loads(priors.read_text()).items()}
-        except (OSError, ValueError, AttributeError) as exc:
-            raise InvalidInputError(f"cannot read priors from {priors}: {exc}", field="priors", hint="a JSON object {dataset_id: {label: p}}") from exc
-    dataset_ids = [int(x) for x in datasets.split(",")] if datasets else None
-    with NDSClient(server, token=token) as client:
-        result = client.query(
-            scores=loaded.scores, label_priors=label_priors, budget=budget, replacement=not no_replacement,
-            temperature=temperature, datasets=dataset_ids, seed=seed, target_size=loaded.num_images, score_method=loaded.method,
-        )
-        if fmt == "imagefolder":
-            from nds.plugins.exporters.imagefolder import JsonlRows, build_tree
-
-            with tempfile.TemporaryDirectory() as tmp:
-                manifest = client.manifest(result["id"], Path(tmp) / "manifest.jsonl")
-                made = build_tree(JsonlRows(manifest), output, copy=copy, data_root=data_root)
-            written = f"{output} ({made} files)"
-        else:
-            client.manifest(result["id"], output, format=fmt)
-            written = str(output)
-    print_query_summary(result)
-    out.print(f"manifest: {safe(written)}", highlight=False)
-
-
-def print_query_summary(result: dict) -> None:
-    summary = result["summary"]
-    table = Table(title=f"query {result['id']}: {summary['selected']} selected, {summary['unique_samples']} unique, "
-                        f"effective sample size {summary['effective_sample_size']}")
-    for col in ("dataset", "cluster", "selected", "unique", "weight mass"):
-        table.add_column(col)
-    for ds in summary["datasets"]:
-        table.add_row(Text(clean(ds["dataset"]), style="bold"), "all", str(ds["selected"]), str(ds["unique"]), f"{ds['mass']:.4f}")
-        for cl in ds["clusters"]:
-            if cl["selected"] or cl["mass"] > 1e-4:
-                table.add_row("", str(cl["cluster"]), str(cl["selected"]), str(cl["unique"]), f"{cl['mass']:.4f}")
-    out.print(table)
-    for note in summary.get("notes", []):
-        out.print(f"note: {safe(note)}", highlight=False)
-    rec = summary["recommendation"]
-    out.print(f"recommended recipe: [bold]{safe(rec['recipe'])}[/]: {safe(rec['reason'])}", highlight=False)
 
 
 # --------------------------------------------------------------------------- jobs
@@ -710,6 +666,8 @@ def worker(
 
 
 def _register_client_commands() -> None:
+    """``nds score`` and ``nds query`` are the client's own commands (``nds-client score``,
+    ``nds-client query``): the same functions, added to this app."""
     from nds_client.cli import register
 
     register(app)

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from nds.catalog.access import MAX_ID
+from nds.catalog.index_options import INDEX_LIMITS, PARTITIONS, IndexRequest
 from nds.catalog.tables import DatasetPublic
 
 Id = Annotated[int, Field(ge=0, le=MAX_ID)]  # a catalog id (64-bit)
@@ -34,19 +35,25 @@ class Health(BaseModel):
     schema_revision: str | None
 
 
+def _index_option(name: str) -> Any:  # noqa: ANN401 - a pydantic FieldInfo
+    """The Field of an integer index option: IndexRequest's default, the bounds of INDEX_LIMITS."""
+    limit = INDEX_LIMITS[name]
+    return Field(default=getattr(IndexRequest, name), ge=limit.low, le=limit.high, description=limit.help)
+
+
 class IndexBody(BaseModel):
-    """POST /v1/datasets/{id}/index: the same options as ``nds index``."""
+    """POST /v1/datasets/{id}/index: the same options as ``nds index`` (nds.catalog.index_options)."""
 
     model_config = ConfigDict(extra="forbid")
-    clusters: int = Field(default=8, ge=1, le=100_000, description="K, the number of clusters (one expert each).")
-    partition: Literal["kmeans", "labels"] = Field(default="kmeans", description="k-means on embeddings, or one cluster per label.")
-    backbone: str = Field(default="default", max_length=1000, description="default, torchvision:<arch> or onnx:<file>.")
-    weights: str | None = Field(default=None, max_length=4096, description="Local weights file for torchvision backbones.")
-    image_size: int = Field(default=64, ge=16, le=512, description="Side in pixels of the experts' inputs.")
-    epochs: int = Field(default=8, ge=1, le=1000, description="Training epochs per expert.")
-    width: int = Field(default=16, ge=4, le=128, description="Channels of the experts' first stage.")
-    seed: int = Field(default=0, ge=0, le=2**31 - 1)
-    min_steps: int = Field(default=150, ge=0, le=100_000, description="Optimizer steps per network at least (small clusters train more epochs).")
+    clusters: int = _index_option("clusters")
+    partition: Literal[PARTITIONS] = Field(default=IndexRequest.partition, description="k-means on embeddings, or one cluster per label.")
+    backbone: str = Field(default=IndexRequest.backbone, max_length=1000, description="default, torchvision:<arch> or onnx:<file>.")
+    weights: str | None = Field(default=IndexRequest.weights, max_length=4096, description="Local weights file for torchvision backbones.")
+    image_size: int = _index_option("image_size")
+    epochs: int = _index_option("epochs")
+    width: int = _index_option("width")
+    seed: int = _index_option("seed")
+    min_steps: int = _index_option("min_steps")
 
 
 class QueryBody(BaseModel):

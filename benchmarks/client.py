@@ -74,7 +74,7 @@ def export_experts(cache: Path, k: int):
 
     from nds.catalog.indexing import EXPERT_MEAN, EXPERT_STD
     from nds.catalog.model.nets import NetConfig, build_net
-    from nds_client.client import LocalExpert
+    from nds_client.scores import LocalExpert
 
     net = NetConfig(width=16, blocks=(1, 1, 1), feature_dim=128, num_outputs=4, input_size=EXPERT_SIZE)
     experts = []
@@ -99,7 +99,7 @@ def export_resnet18(cache: Path):
 
     from nds.catalog.indexing import EXPERT_MEAN, EXPERT_STD
     from nds.catalog.model.nets import NetConfig
-    from nds_client.client import LocalExpert
+    from nds_client.scores import LocalExpert
 
     class ResNet18Expert(nn.Module):
         def __init__(self) -> None:

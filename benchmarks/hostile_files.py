@@ -94,7 +94,7 @@ def _child(step: str, path: Path, max_file_bytes: int | None, max_pixels: int | 
     import PIL.Image  # noqa: F401 - imports are in the baseline, not the step
 
     from nds.catalog.registration import DEFAULT_MAX_FILE_BYTES, scan_one
-    from nds.plugins.sources.base import SourceItem
+    from nds.plugins.contract import SourceItem
     from nds_client.images import DEFAULT_MAX_IMAGE_PIXELS, load_images
 
     before = _status_kib("VmRSS")

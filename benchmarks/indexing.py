@@ -63,7 +63,7 @@ def bench_embedding(work: Path, n_images: int, batch: int = 256, repeats: int = 
     from nds.catalog.model.export import export_onnx
     from nds.catalog.model.nets import NetConfig, build_net
     from nds.catalog.model.training import embed
-    from nds.plugins.backbones.base import IMAGENET_MEAN, IMAGENET_STD, normalize_rows, to_nchw
+    from nds_client.preprocessing import IMAGENET_MEAN, IMAGENET_STD, normalize_rows, to_nchw
     from nds_client.runtime import active_provider, create_session, run
 
     net = NetConfig(width=16, blocks=(1, 1, 1), feature_dim=128, num_outputs=4, input_size=64)

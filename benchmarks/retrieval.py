@@ -59,18 +59,12 @@ from rich.table import Table
 
 from nds.catalog.context import CatalogContext
 from nds.catalog.db import session_scope, upgrade
-from nds.catalog.retrieval.queries import (
-    GroupTable,
-    QueryRequest,
-    build_groups,
-    get_query,
-    iter_manifest,
-    open_picks,
-    run_query,
-    sample_groups,
-    save_picks,
-    summarize,
-)
+from nds.catalog.retrieval.manifest import iter_manifest
+from nds.catalog.retrieval.picks import open_picks, save_picks
+from nds.catalog.retrieval.queries import build_groups, get_query, run_query, summarize
+from nds.catalog.retrieval.request import QueryRequest
+from nds.catalog.retrieval.sampling import sample_groups
+from nds.catalog.retrieval.weights import GroupTable
 from nds.catalog.settings import Settings, load_settings
 from nds.samples.synthetic import add_indexed_dataset
 
@@ -191,7 +185,8 @@ def time_naive(w: np.ndarray, budget: int, repeats: int, *, seed: int = 0) -> li
 
 def time_stages(cat: Catalog, budget: int, repeats: int) -> dict[str, float]:
     """run_query's stages one by one (same calls, same order), p50 ms each: where the time goes."""
-    from nds.catalog.retrieval.queries import _request_json, validate_request
+    from nds.catalog.retrieval.queries import _request_json
+    from nds.catalog.retrieval.request import validate_request
     from nds.catalog.tables import Query
 
     stages: dict[str, list[float]] = {k: [] for k in ("validate + read groups + weights", "sample_groups (O(G+B))", "summarize", "save_picks (raw picks file)", "store query row")}

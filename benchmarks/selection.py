@@ -238,7 +238,7 @@ class Transfer:
     def __init__(self, config: Config, pool_images: np.ndarray, pool_classes: np.ndarray, num_classes: int) -> None:
         import torch
 
-        from nds.plugins.backbones.base import IMAGENET_MEAN, IMAGENET_STD
+        from nds_client.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
         self.config = config
         if config.threads:

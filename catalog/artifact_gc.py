@@ -46,7 +46,7 @@ from sqlalchemy import select
 
 from nds.catalog.artifacts import is_temp_name
 from nds.catalog.context import CatalogContext
-from nds.catalog.retrieval.queries import PICKS_PREFIX, picks_key
+from nds.catalog.retrieval.picks import PICKS_PREFIX, picks_key
 from nds.catalog.spaces import PUBLISHED
 from nds.catalog.tables import Dataset, DatasetStatus, Expert, Query
 

@@ -14,7 +14,6 @@ API clients. A full disk or quota is a :class:`StorageFullError` (503, retry lat
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import shutil
 import tempfile
@@ -41,14 +40,6 @@ def write_error(key: str, exc: OSError) -> ArtifactError:
         return StorageFullError(f"the server's storage is full: cannot write artifact {key} ({reason})",
                                 hint="retry later; an operator can free space, e.g. with 'nds artifacts gc'")
     return ArtifactError(f"cannot write artifact {key}: {reason}", hint="the server log has the details")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class ArtifactStore:

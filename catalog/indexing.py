@@ -20,6 +20,10 @@ version (clusters, assignments, experts) are written in one transaction that als
 the dataset's active ``index_version``: a reader sees the old version or the new one,
 never a mix; a run that fails or dies leaves no point outside the active space
 (``discard_uncommitted_points``). Other datasets are never touched.
+
+The request's options, defaults and limits are :mod:`nds.catalog.index_options`; the backbone
+is a plugin (:mod:`nds.plugins.contract`), and its vectors go to the collection
+``collection_name(backbone.version)``.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -37,49 +41,21 @@ from sqlmodel import select
 
 from nds.catalog.context import CatalogContext
 from nds.catalog.db import session_scope
+from nds.catalog.index_options import INDEX_LIMITS, PARTITIONS, IndexRequest  # noqa: F401 - PARTITIONS, IndexRequest: re-exported
 from nds.catalog.jobs import GPU, JobFailed, JobKind, JobReporter, create_job, datasets_with_live_jobs, register_job_kind
 from nds.catalog.paths import resolve_in_roots
 from nds.catalog.spaces import publish_backbone
 from nds.catalog.tables import Assignment, Cluster, Dataset, DatasetStatus, Expert, ExpertKind, Group, Job, Sample, utcnow
 from nds.catalog.vectors import collection_name
-from nds.plugins.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneEnv
+from nds.plugins.contract import Backbone, BackboneEnv
 from nds_client.errors import ConflictError, InvalidInputError, NDSError, NotFoundError
 from nds_client.images import load_images
+from nds_client.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
-PARTITIONS = ("kmeans", "labels")
 EXPERT_MEAN, EXPERT_STD = IMAGENET_MEAN, IMAGENET_STD
 FORMAT_VERSION = 1
-
-
-
-@dataclass(frozen=True)
-class IndexRequest:
-    clusters: int = 8
-    partition: str = "kmeans"
-    backbone: str = "default"
-    weights: str | None = None
-    image_size: int = 64
-    epochs: int = 8
-    width: int = 16
-    seed: int = 0
-    min_steps: int = 150  # optimizer steps per network at least: small clusters get more epochs
-
-
-    def validate(self) -> None:
-        if not isinstance(self.clusters, int) or self.clusters < 1:
-            raise InvalidInputError(f"clusters must be at least 1, got {self.clusters!r}", field="clusters")
-        if self.partition not in PARTITIONS:
-            raise InvalidInputError(f"partition must be one of {', '.join(PARTITIONS)}, got {self.partition!r}", field="partition")
-        if not 16 <= self.image_size <= 512:
-            raise InvalidInputError(f"image_size must be between 16 and 512 pixels, got {self.image_size}", field="image_size")
-        if not 1 <= self.epochs <= 1000:
-            raise InvalidInputError(f"epochs must be between 1 and 1000, got {self.epochs}", field="epochs")
-        if not 0 <= self.min_steps <= 100_000:
-            raise InvalidInputError(f"min_steps must be between 0 and 100000, got {self.min_steps}", field="min_steps")
-        if not 4 <= self.width <= 128:
-            raise InvalidInputError(f"width must be between 4 and 128, got {self.width}", field="width")
 
 
 # --------------------------------------------------------------------------- start
@@ -200,8 +176,9 @@ def _index(ctx: CatalogContext, dataset_id: int, request: IndexRequest, report: 
     # and the old space's points are dropped only once the new version is committed, so a
     # run that fails or dies half-way leaves every read as it was (discard_uncommitted_points).
     store = ctx.vectors
-    store.ensure_collection(backbone.collection, backbone.dim)
-    store.upsert(backbone.collection, ids.tolist(), vectors, [{"dataset_id": dataset_id, "label": lab} for lab in labels])
+    collection = collection_name(backbone.version)
+    store.ensure_collection(collection, backbone.dim)
+    store.upsert(collection, ids.tolist(), vectors, [{"dataset_id": dataset_id, "label": lab} for lab in labels])
     timings["vectors"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -240,7 +217,7 @@ def _index(ctx: CatalogContext, dataset_id: int, request: IndexRequest, report: 
         cluster_labels=cluster_labels, experts=experts + ([classifier] if classifier else []), backbone=backbone,
     )
     if old_backbone and old_backbone != backbone.version:
-        store.delete_dataset(dataset_id, keep=backbone.collection)  # never two spaces for one dataset
+        store.delete_dataset(dataset_id, keep=collection)  # never two spaces for one dataset
     return {
         "dataset_id": dataset_id,
         "name": name,
@@ -313,7 +290,7 @@ def resolve_backbone(ctx: CatalogContext, request: IndexRequest, report: JobRepo
     weights = resolve_in_roots(request.weights, ctx.data_roots, field="weights") if request.weights else None
     env = BackboneEnv(
         artifacts=ctx.artifacts,
-        data_roots=ctx.data_roots,
+        resolve_path=lambda raw: resolve_in_roots(raw, ctx.data_roots, field="backbone"),
         weights=weights,
         training_images=lambda n, size: sample_registered_images(ctx, n, size, seed=request.seed),
         progress=report.progress if report else None,
@@ -397,14 +374,14 @@ def epochs_for(num_images: int, request: IndexRequest) -> int:
     """``request.epochs``, raised so that a network sees at least ``request.min_steps`` optimizer steps.
 
     A cluster of 100 images makes 2 steps an epoch at batch 64: a handful of epochs leaves
-    its expert at chance, so small clusters train for more epochs (capped at 1000).
+    its expert at chance, so small clusters train for more epochs (up to the epochs limit).
     """
     from nds.catalog.model.training import TrainConfig
 
     defaults = TrainConfig()
     train_images = max(1, round(num_images * (1 - defaults.holdout_fraction)))
     steps_per_epoch = max(1, -(-train_images // defaults.batch_size))
-    return int(min(1000, max(request.epochs, -(-request.min_steps // steps_per_epoch))))
+    return int(min(INDEX_LIMITS["epochs"].high, max(request.epochs, -(-request.min_steps // steps_per_epoch))))
 
 
 def train_and_export(
@@ -413,10 +390,10 @@ def train_and_export(
     progress, label_names: list[str] | None = None,  # noqa: ANN001 - callable
 ) -> dict[str, Any]:
     """Train (or reuse, when the same inputs were trained before) one network and export it."""
-    from nds.catalog.artifacts import sha256_file
     from nds.catalog.model.export import export_onnx
     from nds.catalog.model.nets import NetConfig
     from nds.catalog.model.training import TrainConfig, train_classifier, train_rotation
+    from nds_client.files import sha256_file
     from nds_client.runtime import read_metadata
 
     num_outputs = 4 if kind == ExpertKind.rotation else len(label_names or [])

@@ -33,7 +33,7 @@ from nds.catalog.jobs import CPU, JobFailed, JobKind, JobReporter, create_job, d
 from nds.catalog.paths import resolve_in_roots, within
 from nds.catalog.settings import Settings
 from nds.catalog.tables import Dataset, DatasetStatus, Job, Sample, utcnow
-from nds.plugins.sources.base import Source, SourceItem
+from nds.plugins.contract import Source, SourceItem
 from nds_client.errors import ConflictError, InvalidInputError, PluginError, SourceError
 from nds_client.images import DEFAULT_MAX_IMAGE_PIXELS, TooManyPixels, open_image
 

@@ -19,10 +19,10 @@ from typing import Any
 from sqlmodel import Session, select
 
 from nds.catalog.access import LOCAL, Principal, visible_clause
-from nds.catalog.artifacts import sha256_file
 from nds.catalog.context import CatalogContext
 from nds.catalog.tables import Dataset
 from nds_client.errors import NotFoundError
+from nds_client.files import sha256_file
 
 PUBLISHED = "backbones/published"
 
@@ -31,7 +31,7 @@ def _keys(version: str) -> tuple[str, str]:
     return f"{PUBLISHED}/{version}.onnx", f"{PUBLISHED}/{version}.json"
 
 
-def publish_backbone(ctx: CatalogContext, backbone: Any) -> dict | None:  # noqa: ANN401 - nds.plugins.backbones.base.Backbone
+def publish_backbone(ctx: CatalogContext, backbone: Any) -> dict | None:  # noqa: ANN401 - nds.plugins.contract.Backbone
     """Copy the backbone's ONNX file into the artifact store (once per version); its description, or None."""
     source: Path | None = getattr(backbone, "onnx_path", None)
     if source is None:

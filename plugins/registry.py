@@ -5,6 +5,9 @@ Each registry reads one entry-point group (``nds.sources``, ``nds.backbones``,
 also be a dotted path (``package.module:Object``) for plugins that are not installed as
 distributions. Unknown names fail with the list of known ones and an install hint; two
 distributions that claim the same name are an error, never a silent overwrite.
+
+What a plugin is, and the one module a third-party plugin imports, is described in
+:mod:`nds.plugins.contract`; this module is the catalog's side (finding and loading them).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from nds.plugins.sources.base import SourceItem
+from nds.plugins.contract import SourceItem
 from nds.plugins.sources.imagefolder import ImageFolderSource
 from nds_client.errors import ServiceUnavailableError
 

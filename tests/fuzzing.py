@@ -53,7 +53,8 @@ def fuzz_app(work: Path) -> Iterator[tuple[object, dict[str, str]]]:
     from nds.catalog import access
     from nds.catalog.context import CatalogContext
     from nds.catalog.db import session_scope, upgrade
-    from nds.catalog.retrieval.queries import QueryRequest, run_query
+    from nds.catalog.retrieval.queries import run_query
+    from nds.catalog.retrieval.request import QueryRequest
     from nds.catalog.settings import load_settings
     from nds.samples.synthetic import add_files_and_vectors, add_indexed_dataset
 

@@ -21,7 +21,10 @@ from sqlmodel import Session, select
 from nds.catalog.artifact_gc import DEFAULT_GRACE_SECONDS, gc
 from nds.catalog.context import CatalogContext
 from nds.catalog.db import session_scope, upgrade
-from nds.catalog.retrieval.queries import QueryRequest, iter_manifest, picks_key, run_query
+from nds.catalog.retrieval.manifest import iter_manifest
+from nds.catalog.retrieval.picks import picks_key
+from nds.catalog.retrieval.queries import run_query
+from nds.catalog.retrieval.request import QueryRequest
 from nds.catalog.settings import load_settings
 from nds.catalog.tables import Dataset, DatasetStatus, Expert, Query
 from nds.samples.synthetic import add_indexed_dataset

@@ -25,9 +25,11 @@ from nds.catalog.jobs import InlineDispatcher, get_job
 from nds.catalog.model.export import export_onnx
 from nds.catalog.model.nets import NetConfig, build_net
 from nds.catalog.model.training import embed as torch_embed
+from nds.catalog.paths import resolve_in_roots
 from nds.catalog.registration import RegistrationRequest, start_registration
 from nds.catalog.tables import Dataset, DatasetStatus, JobStatus, Sample
-from nds.plugins.backbones.base import Backbone, BackboneEnv
+from nds.catalog.vectors import collection_name
+from nds.plugins.contract import Backbone, BackboneEnv
 from nds.plugins.registry import backbone_registry
 from nds_client.errors import NDSError, PluginError
 from tests.conftest import write_images
@@ -106,7 +108,9 @@ def put(src: Path, root: Path, name: str | None = None) -> Path:
 
 
 def env_for(tmp_path: Path, data_root: Path, **kwargs) -> BackboneEnv:
-    return BackboneEnv(artifacts=ArtifactStore(tmp_path / "artifacts"), data_roots=[data_root], **kwargs)
+    """An env as the catalog makes it: paths in the backbone's argument are checked against the data roots."""
+    return BackboneEnv(artifacts=ArtifactStore(tmp_path / "artifacts"),
+                       resolve_path=lambda raw: resolve_in_roots(raw, [data_root], field="backbone"), **kwargs)
 
 
 # --------------------------------------------------------------------------- torchvision
@@ -117,7 +121,7 @@ def test_torchvision_with_a_local_weights_file(models, data_root, tmp_path):
     backbone = load("torchvision:resnet18", env_for(tmp_path, data_root, weights=weights))
     assert backbone.version == f"torchvision-resnet18-file-{sha12(weights)}"
     assert (backbone.dim, backbone.input_size) == (512, 224)
-    assert backbone.collection == "emb-" + backbone.version
+    assert collection_name(backbone.version) == "emb-" + backbone.version
     images = random_images(3, 224)
     first = backbone.embed(images)
     assert_unit_rows(first, 3, 512)
@@ -185,7 +189,7 @@ def test_torchvision_without_weights_offline_points_to_weights(tmp_path, data_ro
 def test_onnx_feature_extractor_matches_torch(models, data_root, tmp_path):
     path = put(models.narrow_onnx, data_root)
     backbone = load(f"onnx:{path}", env_for(tmp_path, data_root))
-    assert backbone.version == f"onnx-{sha12(path)}" and backbone.collection == f"emb-onnx-{sha12(path)}"
+    assert backbone.version == f"onnx-{sha12(path)}" and collection_name(backbone.version) == f"emb-onnx-{sha12(path)}"
     assert backbone.input_size == 32  # from the model's input shape
     assert backbone.dim == 128  # the output named "features", not the 4 logits
     assert backbone.mean == pytest.approx(MEAN) and backbone.std == pytest.approx(STD)

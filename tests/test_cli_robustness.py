@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from nds.catalog import access
 from nds.catalog.datasets import NAME_PATTERN, check_name
 from nds.catalog.db import create_db_engine, session_scope, upgrade
-from nds_client.client import NDSClient, Scores, ServerError
+from nds_client import NDSClient, Scores, ServerError
 from nds_client.errors import ConflictError, InvalidInputError
 from tests.conftest import write_images
 
@@ -243,10 +243,10 @@ def test_paging_is_bounded_by_what_the_server_returns_not_its_count():
 
 
 def test_full_pages_that_never_end_are_an_error(monkeypatch):
-    import nds_client.client
+    import nds_client.transport
 
-    monkeypatch.setattr(nds_client.client, "_MAX_ROWS", 3000, raising=False)
-    page = {"data": [DATASET_ROW] * nds_client.client._PAGE, "count": 10**12}
+    monkeypatch.setattr(nds_client.transport, "_MAX_ROWS", 3000, raising=False)
+    page = {"data": [DATASET_ROW] * nds_client.transport._PAGE, "count": 10**12}
     with fake_server(_stop_after(50, page)) as (url, seen), NDSClient(url, timeout=5) as client:
         with pytest.raises(ServerError, match="did not end"):
             client.datasets()

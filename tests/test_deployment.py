@@ -19,7 +19,9 @@ from sqlmodel import Session, SQLModel
 from nds.catalog import access
 from nds.catalog.context import CatalogContext
 from nds.catalog.db import session_scope, upgrade
-from nds.catalog.retrieval.queries import QueryRequest, iter_manifest, run_query
+from nds.catalog.retrieval.manifest import iter_manifest
+from nds.catalog.retrieval.queries import run_query
+from nds.catalog.retrieval.request import QueryRequest
 from nds.catalog.settings import Settings, load_settings
 from nds.catalog.tables import Sample
 from nds.samples.synthetic import add_files_and_vectors, add_indexed_dataset
@@ -86,11 +88,10 @@ def test_env_example_lists_every_setting():
 
 def test_dockerfile_installs_every_package():
     dockerfile = (ROOT / "Dockerfile").read_text()
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
-    for pattern in packages:
-        name = pattern.rstrip("*")
+    folders = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values()
+    for name in [*folders, "client"]:
         assert re.search(rf"^COPY {name} \./{name}$", dockerfile, re.M), f"the image does not copy {name}/"
-    assert "pip install ." in dockerfile and "USER nds" in dockerfile
+    assert "pip install ./client ." in dockerfile and "USER nds" in dockerfile
 
 
 # --------------------------------------------------------------------------- copy-to

@@ -9,7 +9,7 @@ from urllib.parse import unquote
 
 import pytest
 
-from nds.plugins.exporters.imagefolder import LABELS_FILE, UNLABELLED, build_tree, label_folder_names
+from nds_client.imagefolder import LABELS_FILE, UNLABELLED, build_tree, label_folder_names
 
 
 def _portable(names) -> None:
@@ -90,7 +90,7 @@ def test_tree_reads_back_with_torchvision(tmp_path, data_root):
 
 
 def test_tree_from_a_jsonl_manifest_names_folders_whatever_the_row_order(tmp_path, data_root):
-    from nds.plugins.exporters.imagefolder import JsonlRows
+    from nds_client.imagefolder import JsonlRows
     from tests.conftest import write_images
 
     image = write_images(data_root / "imgs", labels=("a",), n=1) / "a" / "0.png"

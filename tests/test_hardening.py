@@ -23,7 +23,9 @@ from nds.catalog.context import CatalogContext
 from nds.catalog.datasets import delete_dataset
 from nds.catalog.db import session_scope, upgrade
 from nds.catalog.jobs import create_job, mark_interrupted
-from nds.catalog.retrieval.queries import QueryRequest, iter_manifest, run_query
+from nds.catalog.retrieval.manifest import iter_manifest
+from nds.catalog.retrieval.queries import run_query
+from nds.catalog.retrieval.request import QueryRequest
 from nds.catalog.retrieval.search import search
 from nds.catalog.settings import load_settings
 from nds.catalog.tables import Dataset, DatasetStatus, Expert, Job, JobStatus, Sample

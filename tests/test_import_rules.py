@@ -1,10 +1,18 @@
 """The layering of the code, read from its import statements (``ast``, nothing imported).
 
-``api -> catalog <- workers``: the catalog imports neither the API nor the workers, the
-workers never import the API, and the API takes only the Celery names (``nds.workers.queues``)
-from the workers, never their Celery application or tasks. No import cycle among the
-modules of ``catalog/``, ``workers/`` and ``api/``: an import inside a function counts
-(it runs when called); one under ``if TYPE_CHECKING:`` does not (it never runs).
+- ``api -> catalog <- workers``: the catalog imports neither the API nor the workers, the
+  workers never import the API, and the API takes only the Celery names
+  (``nds.workers.queues``) from the workers, never their Celery application or tasks.
+- ``nds_client`` (the client distribution, the bottom layer) imports nothing of the server
+  and none of the server's heavy dependencies; torch only in its optional manifest dataset.
+- Plugins build on the contract (``nds.plugins.contract``), the model package and the
+  client's shared modules, never on the catalog's other modules.
+- The model package (``nds.catalog.model``) imports no SQL and no HTTP; the retrieval
+  package's weighting and sampling modules import no SQL and nothing of the catalog.
+- Sample data (``nds.samples``) is imported only by the demo, never by the product.
+- No import cycle among all these modules: an import inside a function counts (it runs when
+  called); one under ``if TYPE_CHECKING:`` does not (it never runs).
+- The tests never import the benchmarks.
 """
 
 from __future__ import annotations
@@ -128,9 +136,95 @@ def test_the_cycle_finder_finds_one() -> None:
     assert find_cycles({"a": {"b"}, "b": set()}) == []
 
 
+SQL = ("sqlalchemy", "sqlmodel", "psycopg", "alembic")
+HTTP = ("httpx", "fastapi", "starlette", "uvicorn")
+SERVER_ONLY = ("torch", "torchvision", "celery", "faiss", "psycopg", "sqlalchemy", "sqlmodel", "alembic", "fastapi", "qdrant_client",
+               "qdrant_edge", "sklearn", "onnx", "onnxscript", "nds")
+
+
+def _tops(name: str) -> set[str]:
+    return {name.split(".")[0]}
+
+
+def _breaks(rules: dict[str, tuple[str, ...]]) -> list[str]:
+    """``module prefix -> forbidden import prefixes``: every (module, import) that breaks one."""
+    broken = []
+    for module, path in module_files().items():
+        for prefix, forbidden in rules.items():
+            if module == prefix or module.startswith(prefix + "."):
+                for name in sorted(imported_names(module, path)):
+                    if any(name == f or name.startswith(f + ".") for f in forbidden):
+                        broken.append(f"{module} imports {name}")
+    return broken
+
+
+def test_the_client_imports_nothing_of_the_server() -> None:
+    files = module_files()
+    broken = []
+    for module, path in files.items():
+        if not module.startswith("nds_client"):
+            continue
+        # optional extras, imported where they are used: torch ([torch]), scikit-learn ([probe]),
+        # onnx (read_metadata falls back to onnxruntime without it)
+        allowed = {"nds_client.manifest_dataset": ("torch",), "nds_client.runtime": ("onnx",)}.get(module, ())
+        if module.endswith("linear_probe"):
+            allowed = ("sklearn",)
+        for name in sorted(imported_names(module, path)):
+            top = name.split(".")[0]
+            if top in SERVER_ONLY and top not in allowed:
+                broken.append(f"{module} imports {name}")
+    assert not broken, "the client must install and run without the server:\n" + "\n".join(broken)
+
+
+def test_plugins_build_on_the_contract_not_on_the_catalog() -> None:
+    broken = []
+    for module, path in module_files().items():
+        if not module.startswith("nds.plugins"):
+            continue
+        for name in sorted(imported_names(module, path)):
+            if name.startswith("nds.catalog") and not (name == "nds.catalog" or name.startswith("nds.catalog.model")):
+                broken.append(f"{module} imports {name}")
+            if name.startswith(("nds.api", "nds.workers", "nds.samples")):
+                broken.append(f"{module} imports {name}")
+    assert not broken, "plugins import nds.plugins.contract, nds.catalog.model and nds_client only:\n" + "\n".join(broken)
+
+
+def test_the_model_package_imports_no_sql_and_no_http() -> None:
+    broken = _breaks({"nds.catalog.model": (*SQL, *HTTP, "nds.api", "nds.workers", "nds.plugins", "nds.samples")})
+    for module, path in module_files().items():
+        if module.startswith("nds.catalog.model"):
+            broken += [f"{module} imports {n}" for n in sorted(imported_names(module, path))
+                       if n.startswith("nds.catalog.") and not n.startswith("nds.catalog.model")]
+    assert not broken, "\n".join(broken)
+
+
+def test_weighting_and_sampling_are_pure() -> None:
+    pure = [m for m in module_files() if m in ("nds.catalog.retrieval.weights", "nds.catalog.retrieval.sampling")]
+    assert len(pure) == 2, pure
+    broken = _breaks({m: (*SQL, *HTTP, "nds.catalog.tables", "nds.catalog.db", "nds.catalog.context", "nds.api", "nds.workers") for m in pure})
+    assert not broken, "\n".join(broken)
+
+
+def test_sample_data_stays_out_of_the_product() -> None:
+    broken = [b for b in _breaks({"nds.catalog": ("nds.samples",), "nds.workers": ("nds.samples",), "nds.plugins": ("nds.samples",),
+                                  "nds_client": ("nds.samples",), "nds.api": ("nds.samples",)})
+              if not b.startswith("nds.api.demo ")]
+    assert not broken, "\n".join(broken)
+
+
+def test_tests_do_not_import_the_benchmarks() -> None:
+    broken = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        module = "tests." + path.stem
+        broken += [f"{path.name} imports {n}" for n in sorted(imported_names(module, path)) if n.split(".")[0] == "benchmarks"]
+    assert not broken, "\n".join(broken)
+
+
 def test_layers() -> None:
     broken = []
     for module, path in module_files().items():
+        if not module.startswith("nds."):
+            continue
         layer = module.removeprefix("nds.").split(".")[0]
         for name in imported_names(module, path):
             top = name.removeprefix("nds.").split(".")[0] if name.startswith("nds.") else name.split(".")[0]

@@ -166,6 +166,43 @@ def test_bad_requests(indexed):
         assert session.get(Dataset, ids["noise"]).status == DatasetStatus.indexed
 
 
+def test_index_option_limits_are_written_once():
+    """INDEX_LIMITS bounds the REST body, IndexRequest.validate and the CLI, with IndexRequest's defaults."""
+    import inspect
+    import typing
+
+    from nds.api.cli import index as cli_index
+    from nds.api.schemas import IndexBody
+    from nds.catalog.index_options import INDEX_LIMITS, PARTITIONS
+
+    schema = IndexBody.model_json_schema()["properties"]
+    cli = inspect.signature(cli_index).parameters
+    cli_help = {name: hint.__metadata__[0].help for name, hint in typing.get_type_hints(cli_index, include_extras=True).items() if name in cli}
+    assert schema["partition"]["enum"] == list(PARTITIONS)
+    for name in ("clusters", "partition", "backbone", "weights", "image_size", "epochs", "width", "seed", "min_steps"):
+        assert IndexBody().model_dump()[name] == getattr(IndexRequest(), name) == cli[name].default, name
+    for name, limit in INDEX_LIMITS.items():
+        assert (schema[name]["minimum"], schema[name]["maximum"]) == (limit.low, limit.high), name
+        assert f"{limit.low} to {limit.high}" in cli_help[name], name
+        IndexRequest(**{name: limit.low}).validate()
+        IndexRequest(**{name: limit.high}).validate()
+        for bad in (limit.low - 1, limit.high + 1, "8", True):
+            with pytest.raises(InvalidInputError) as info:
+                IndexRequest(**{name: bad}).validate()
+            assert info.value.field == name, (name, bad)
+    # the messages callers see
+    for kwargs, message in [(dict(clusters=0), "clusters must be at least 1, got 0"),
+                            (dict(clusters=100_001), "clusters must be at most 100000, got 100001"),
+                            (dict(image_size=4), "image_size must be between 16 and 512 pixels, got 4"),
+                            (dict(epochs=0), "epochs must be between 1 and 1000, got 0"),
+                            (dict(min_steps=-1), "min_steps must be between 0 and 100000, got -1"),
+                            (dict(width=2), "width must be between 4 and 128, got 2"),
+                            (dict(seed=-1), "seed must be between 0 and 2147483647, got -1")]:
+        with pytest.raises(InvalidInputError) as info:
+            IndexRequest(**kwargs).validate()
+        assert info.value.message == message
+
+
 def test_busy_datasets_conflict(indexed):
     ctx, ids, _, _ = indexed
     job = start_indexing(ctx, ids["noise"], IndexRequest(**SMALL))

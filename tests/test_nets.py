@@ -15,8 +15,9 @@ import torch
 
 from nds.catalog.model.export import ParityError, check_parity, export_onnx
 from nds.catalog.model.nets import NetConfig, build_net
-from nds.catalog.model.training import TrainConfig, embed, rotate_batch, to_tensor, train_classifier, train_rotation
+from nds.catalog.model.training import DEFAULT_NORMALIZATION, TrainConfig, embed, rotate_batch, to_tensor, train_classifier, train_rotation
 from nds_client.errors import ArtifactError, InvalidInputError
+from nds_client.preprocessing import IMAGENET_MEAN, IMAGENET_STD, to_nchw
 from nds_client.runtime import active_provider, create_session, read_metadata, run
 
 NORM = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
@@ -102,6 +103,20 @@ def test_to_tensor() -> None:
     assert torch.allclose(x[0], torch.full((3, 4, 4), 2.0)) and torch.allclose(x[1], torch.full((3, 4, 4), -2.0))
     with pytest.raises(InvalidInputError):
         to_tensor(images.astype(np.float32), NORM)
+
+
+@pytest.mark.parametrize("normalization", [None, NORM, ((0.1, 0.7, 0.3), (0.9, 0.3, 0.4))])
+def test_to_tensor_is_the_client_normalisation(normalization) -> None:
+    """Training's on-device normalisation and nds_client.preprocessing.to_nchw (backbones, the
+    client) are one formula, with one default (ImageNet's mean and std)."""
+    images = np.random.default_rng(7).integers(0, 256, (5, 9, 7, 3), dtype=np.uint8)
+    if normalization is None:
+        got, expected = to_tensor(images), to_nchw(images)
+        assert DEFAULT_NORMALIZATION == (IMAGENET_MEAN, IMAGENET_STD)
+    else:
+        got, expected = to_tensor(images, normalization), to_nchw(images, *normalization)
+    assert expected.dtype == np.float32 and got.shape == expected.shape
+    np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ def install_fake_distribution(site: Path, name: str, entry_points: str, module_s
 
 THIRD_PARTY = '''
 from pathlib import Path
-from nds.plugins.sources.base import Source, SourceItem
+from nds.plugins.contract import Source, SourceItem
 
 class ListSource(Source):
     """Reads a text file with one image path per line."""
@@ -97,3 +97,30 @@ def test_loading_is_lazy(tmp_path, monkeypatch):
     registry = Registry("nds.lazy", kind="thing", install_hint="-")
     assert registry.names() == ["boom"]  # listing imports nothing
     assert "pkg_lazy_mod" not in sys.modules
+
+
+def test_the_contract_is_what_a_plugin_imports(tmp_path):
+    """nds.plugins.contract names everything a plugin needs, from the one place each lives."""
+    import nds_client.errors as errors
+    import nds_client.files as files
+    import nds_client.manifests as manifests
+    import nds_client.preprocessing as preprocessing
+    from nds.catalog.artifacts import ArtifactStore
+    from nds.plugins import contract
+
+    assert sorted(contract.__all__) == sorted(
+        ["Source", "SourceItem", "Backbone", "BackboneEnv", "ArtifactAccess", "IMAGENET_MEAN", "IMAGENET_STD", "to_nchw",
+         "normalize_rows", "sha256_file", "Exporter", "Row", "MANIFEST_COLUMNS", "PluginError", "SourceError",
+         "InvalidInputError", "ArtifactError"])
+    assert all(hasattr(contract, name) for name in contract.__all__)
+    # re-exported, never redefined
+    assert contract.MANIFEST_COLUMNS is manifests.MANIFEST_COLUMNS
+    assert (contract.to_nchw, contract.normalize_rows) == (preprocessing.to_nchw, preprocessing.normalize_rows)
+    assert (contract.IMAGENET_MEAN, contract.IMAGENET_STD) == (preprocessing.IMAGENET_MEAN, preprocessing.IMAGENET_STD)
+    assert contract.sha256_file is files.sha256_file
+    assert contract.PluginError is errors.PluginError and contract.SourceError is errors.SourceError
+    # the catalog's store is what a backbone is handed, through the protocol only
+    assert isinstance(ArtifactStore(tmp_path), contract.ArtifactAccess)
+    assert not hasattr(contract.Backbone, "collection")  # the catalog names collections
+    with pytest.raises(contract.InvalidInputError, match="no file paths"):
+        contract.BackboneEnv(artifacts=ArtifactStore(tmp_path)).resolve_path("/etc/passwd")

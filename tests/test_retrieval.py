@@ -12,15 +12,11 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
-from nds.catalog.retrieval.queries import (
-    DEFAULT_TEMPERATURE,
-    QueryRequest,
-    iter_manifest,
-    normalized_scores,
-    run_query,
-    sample_groups,
-    softmax,
-)
+from nds.catalog.retrieval.manifest import iter_manifest
+from nds.catalog.retrieval.queries import run_query
+from nds.catalog.retrieval.request import DEFAULT_TEMPERATURE, QueryRequest
+from nds.catalog.retrieval.sampling import sample_groups
+from nds.catalog.retrieval.weights import normalized_scores, softmax
 from nds.catalog.tables import Query
 from nds.samples.synthetic import add_indexed_dataset
 from nds_client.errors import InvalidInputError
@@ -155,7 +151,7 @@ def test_with_replacement_repeats(catalog):
 
 def test_sampler_is_o_g_plus_b():
     """The sampler never looks at samples: a billion-sample table costs the same as a small one."""
-    from nds.catalog.retrieval.queries import GroupTable
+    from nds.catalog.retrieval.weights import GroupTable
 
     sizes = np.full(1000, 10**6, dtype=np.int64)
     table = GroupTable(np.zeros(1000, np.int64), np.arange(1000), [None] * 1000, sizes, np.full(1000, 1e-3))
@@ -167,7 +163,7 @@ def test_sampler_is_o_g_plus_b():
 def test_sampler_picks_are_sorted_unique_and_uniform_inside_groups(big):
     """Each (group, rank) once, sorted, counts adding up to the budget; ranks uniform inside a group.
     ``big``: more than 2**31 samples in all, so positions no longer fit int32."""
-    from nds.catalog.retrieval.queries import GroupTable
+    from nds.catalog.retrieval.weights import GroupTable
 
     sizes = np.array([7, 1, 50, 3_000_000_000 if big else 20], dtype=np.int64)
     table = GroupTable(np.zeros(4, np.int64), np.arange(4), [None] * 4, sizes, np.array([0.3, 0.1, 0.4, 0.2]))
@@ -287,7 +283,7 @@ def test_manifest_dataset_and_sampler(tmp_path, ctx, data_root):
     import torchvision
     from torch.utils.data import DataLoader
 
-    from nds.plugins.exporters.imagefolder import build_tree
+    from nds_client.imagefolder import build_tree
     from nds_client.manifest_dataset import ManifestDataset
     from tests.conftest import write_images
 

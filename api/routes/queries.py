@@ -10,7 +10,9 @@ from fastapi.responses import StreamingResponse
 
 from nds.api.deps import CtxDep, LimitDep, OffsetDep, PrincipalDep, SessionDep
 from nds.api.schemas import QueryBody, QueryPublic, SearchBody, SearchResult
-from nds.catalog.retrieval.queries import QueryRequest, get_query, iter_manifest, run_query
+from nds.catalog.retrieval.manifest import iter_manifest
+from nds.catalog.retrieval.queries import get_query, run_query
+from nds.catalog.retrieval.request import QueryRequest
 from nds.catalog.retrieval.search import search
 from nds_client.errors import InvalidInputError, PluginError
 

@@ -29,8 +29,11 @@ from torch import nn
 
 from nds.catalog.model.nets import NarrowResNet, NetConfig, build_net
 from nds_client.errors import InvalidInputError
+from nds_client.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
 Normalization = tuple[Sequence[float], Sequence[float]]  # (mean, std) per channel, in 0..1 pixel units
+#: ImageNet's mean and std, from :mod:`nds_client.preprocessing` (the one normalisation)
+DEFAULT_NORMALIZATION: Normalization = (IMAGENET_MEAN, IMAGENET_STD)
 ProgressFn = Callable[[float], None]
 
 
@@ -108,13 +111,15 @@ def _norm_tensors(normalization: Normalization, channels: int) -> tuple[torch.Te
 
 
 def _normalize_u8(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    # x: (B, H, W, C) uint8 -> (B, C, H, W) float32 normalised
+    # x: (B, H, W, C) uint8 -> (B, C, H, W) float32 normalised: nds_client.preprocessing.to_nchw's
+    # formula, on the tensor's device (tests/test_nets.py checks that the two agree)
     x = x.permute(0, 3, 1, 2).float().div_(255.0)
     return (x - mean.to(x.device)) / std.to(x.device)
 
 
-def to_tensor(images: np.ndarray, normalization: Normalization) -> torch.Tensor:
-    """uint8 (N, H, W, C) -> float32 (N, C, H, W), ``(x / 255 - mean) / std``."""
+def to_tensor(images: np.ndarray, normalization: Normalization = DEFAULT_NORMALIZATION) -> torch.Tensor:
+    """uint8 (N, H, W, C) -> float32 (N, C, H, W), ``(x / 255 - mean) / std``: what
+    :func:`nds_client.preprocessing.to_nchw` computes, as a torch tensor."""
     _check_images(images)
     mean, std = _norm_tensors(normalization, images.shape[3])
     return _normalize_u8(torch.from_numpy(np.ascontiguousarray(images)), mean, std).contiguous()
@@ -374,7 +379,7 @@ def train_rotation(
     net_config: NetConfig,
     train_config: TrainConfig,
     *,
-    normalization: Normalization,
+    normalization: Normalization = DEFAULT_NORMALIZATION,
     progress: ProgressFn | None = None,
 ) -> TrainResult:
     """Train ``build_net(net_config)`` to predict the rotation (0/90/180/270) of ``images``
@@ -412,7 +417,7 @@ def train_classifier(
     net_config: NetConfig,
     train_config: TrainConfig,
     *,
-    normalization: Normalization,
+    normalization: Normalization = DEFAULT_NORMALIZATION,
     progress: ProgressFn | None = None,
 ) -> TrainResult:
     """Train ``build_net(net_config)`` (num_outputs == num_classes) on integer ``labels``
@@ -447,7 +452,7 @@ def train_classifier(
 
 
 @torch.no_grad()
-def embed(model: nn.Module, images: np.ndarray, normalization: Normalization, batch_size: int = 256) -> np.ndarray:
+def embed(model: nn.Module, images: np.ndarray, normalization: Normalization = DEFAULT_NORMALIZATION, batch_size: int = 256) -> np.ndarray:
     """L2-normalised penultimate features, float32 (N, feature_dim), with torch (eager) on
     the model's device. The model's train/eval mode is restored afterwards."""
     _check_images(images)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from sqlalchemy import Connection, select
 
+from nds.catalog.retrieval.weights import group_cells
 from nds.catalog.tables import Group
 
 
@@ -78,15 +79,6 @@ class GroupLayout:
         for array in (layout.dataset_id, layout.cluster, layout.size, layout.cluster_size, layout.cells, layout.cell_of):
             array.flags.writeable = False  # shared by concurrent queries
         return layout
-
-
-def group_cells(dataset_id: np.ndarray, cluster: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(C, 2) array of the distinct (dataset_id, cluster) pairs, sorted, and each group's row in it.
-    One 1-D unique over a combined key (a 2-D ``numpy.unique(axis=0)`` costs ten times more)."""
-    dataset_rank = np.unique(dataset_id, return_inverse=True)[1].reshape(-1)
-    key = dataset_rank * (int(cluster.max(initial=0)) + 1) + cluster
-    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
-    return np.stack([dataset_id[first], cluster[first]], axis=1).reshape(-1, 2), inverse.reshape(-1).astype(np.int64)
 
 
 class GroupCache:

@@ -1,29 +1,41 @@
-"""``nds score``: the client half of the method, on the command line.
+"""``nds-client``: the client half of the method on the command line, ``score`` and ``query``.
 
-Downloads the server's experts (cached, sha256-checked), runs them on the target images
-locally, prints a ranked table of experts and writes the scores as plain JSON
-(:meth:`nds_client.client.Scores.save`), which ``nds query --scores`` reads. The images never
+``score`` downloads the server's experts (cached, sha256-checked), runs them on the target
+images locally, prints a ranked table of experts and writes the scores as plain JSON
+(:meth:`nds_client.scores.Scores.save`). ``query`` sends those scores (and label priors) to
+the server and writes the training manifest it selects: csv, jsonl or parquet as the server
+streams it, or ``--format imagefolder``, a folder of links to (or copies of) the selected
+local files, one subfolder per label (:mod:`nds_client.imagefolder`). The images never
 leave this machine.
 
-``api/cli.py`` adds the command with::
+The server's ``nds`` has the very same ``score`` and ``query``: ``api/cli.py`` adds these
+functions to its app with::
 
     from nds_client.cli import register
     register(app)
 
-Only the light client modules are imported here (the SDK, typer, rich), so the command
-starts fast and this module never imports ``nds.api.cli`` (no import cycle).
+Only the light client modules are imported here (the SDK, typer, rich), and the SDK only
+when a command runs, so the command starts fast; this module never imports the server.
 """
 
 from __future__ import annotations
 
+import json
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 from nds_client.console import SafeTable as Table  # escapes every title, header and string cell: the server's names are untrusted
-from nds_client.console import err, handles_errors, out, safe
+from nds_client.console import clean, err, handles_errors, out, safe
+from nds_client.manifests import format_for_path
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
+                  help="Neural Data Server client: score a server's experts on your own images, locally, and fetch the training manifest it selects.")
 
 STAGES = {"download": "downloading experts", "preprocess": "preprocessing images", "score": "scoring experts", "priors": "label priors"}
 
@@ -42,7 +54,7 @@ class _Bars:
         self.progress.__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: Any) -> None:
         self.progress.__exit__(*exc)
 
     def __call__(self, stage: str, done: int, total: int) -> None:
@@ -71,14 +83,16 @@ def score(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Score the server's experts on local target images; print a ranked table; write the scores as JSON."""
-    from nds_client.client import METHODS, ClientInputError, NDSClient, TargetError, read_labels_csv
+    from nds_client.client import NDSClient
+    from nds_client.errors import ClientInputError, TargetError
+    from nds_client.methods import method_named
+    from nds_client.targets import read_labels_csv
 
-    if method not in METHODS:
-        raise ClientInputError(f"unknown method {method!r}", field="method", hint=f"one of: {', '.join(METHODS)}")
+    named = method_named(method)  # ClientInputError for an unknown name; None for auto
     if labels is not None and imagefolder:
         raise ClientInputError("--labels and --imagefolder are exclusive", field="labels", hint="pick one source of labels")
-    if method == "linear-probe" and labels is None and not imagefolder:
-        raise TargetError("--method linear-probe needs labels", field="labels", hint="--labels CSV (path,label) or --imagefolder")
+    if named is not None and named.needs_labels and labels is None and not imagefolder:
+        raise TargetError(f"--method {method} needs labels", field="labels", hint="--labels CSV (path,label) or --imagefolder")
     if not target.exists():
         raise TargetError(f"target {target} does not exist", field="target")
     label_arg: Any = None
@@ -114,9 +128,92 @@ def score(
     out.print(f"{result.num_images} images, {result.skipped} skipped, provider {safe(result.provider)}; wrote {safe(output)}", highlight=False)
 
 
+@handles_errors
+def query(
+    server: Annotated[str, typer.Option(help="URL of the server, e.g. http://127.0.0.1:8000.")],
+    scores: Annotated[Path, typer.Option(help="Scores file written by 'nds score' (plain JSON).")],
+    budget: Annotated[int, typer.Option(help="Number of samples to select.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="manifest.csv|.jsonl|.parquet, or a folder with --format imagefolder.")],
+    priors: Annotated[Path | None, typer.Option(help="Label priors JSON: {dataset_id: {label: p}} (default: those in the scores file).")] = None,
+    no_replacement: Annotated[bool, typer.Option("--no-replacement", help="Elastic matcher: no sample twice.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed: the same request and seed give the same manifest.")] = 0,
+    temperature: Annotated[float | None, typer.Option(help="Softmax temperature over normalised scores (default 0.1).")] = None,
+    datasets: Annotated[str | None, typer.Option(help="Comma-separated dataset ids to select from.")] = None,
+    format: Annotated[str | None, typer.Option(help="csv, jsonl, parquet or imagefolder (default: from the output's suffix).")] = None,
+    copy: Annotated[bool, typer.Option("--copy", help="imagefolder: copy the images instead of symlinking them.")] = False,
+    data_root: Annotated[Path | None, typer.Option(help="imagefolder: where this machine sees the server's data root (a client key's manifest names files relative to it).")] = None,
+    token: Annotated[str | None, typer.Option(envvar="NDS_TOKEN", help="API key.")] = None,
+) -> None:
+    """Turn expert scores (and label priors) into a sampled training manifest."""
+    from nds_client.client import NDSClient
+    from nds_client.errors import InvalidInputError
+    from nds_client.scores import Scores
+
+    fmt = format or format_for_path(output)
+    if fmt is None:
+        raise InvalidInputError(f"cannot tell the format of {output.name}", field="output", hint="use .csv, .jsonl, .parquet or --format")
+    loaded = Scores.load(scores)
+    label_priors = loaded.label_priors
+    if priors is not None:
+        try:
+            label_priors = {int(k): v for k, v in json.loads(priors.read_text()).items()}
+        except (OSError, ValueError, AttributeError) as exc:
+            raise InvalidInputError(f"cannot read priors from {priors}: {exc}", field="priors", hint="a JSON object {dataset_id: {label: p}}") from exc
+    dataset_ids = [int(x) for x in datasets.split(",")] if datasets else None
+    with NDSClient(server, token=token) as client:
+        result = client.query(
+            scores=loaded.scores, label_priors=label_priors, budget=budget, replacement=not no_replacement,
+            temperature=temperature, datasets=dataset_ids, seed=seed, target_size=loaded.num_images, score_method=loaded.method,
+        )
+        if fmt == "imagefolder":
+            from nds_client.imagefolder import JsonlRows, build_tree
+
+            with tempfile.TemporaryDirectory() as tmp:
+                manifest = client.manifest(result["id"], Path(tmp) / "manifest.jsonl")
+                made = build_tree(JsonlRows(manifest), output, copy=copy, data_root=data_root)
+            written = f"{output} ({made} files)"
+        else:
+            client.manifest(result["id"], output, format=fmt)
+            written = str(output)
+    print_query_summary(result)
+    out.print(f"manifest: {safe(written)}", highlight=False)
+
+
+def print_query_summary(result: dict) -> None:
+    """The server's answer to a query: what was selected from each dataset and cluster, its
+    notes, and the fine-tuning recipe it recommends."""
+    summary = result["summary"]
+    table = Table(title=f"query {result['id']}: {summary['selected']} selected, {summary['unique_samples']} unique, "
+                        f"effective sample size {summary['effective_sample_size']}")
+    for col in ("dataset", "cluster", "selected", "unique", "weight mass"):
+        table.add_column(col)
+    for ds in summary["datasets"]:
+        table.add_row(Text(clean(ds["dataset"]), style="bold"), "all", str(ds["selected"]), str(ds["unique"]), f"{ds['mass']:.4f}")
+        for cl in ds["clusters"]:
+            if cl["selected"] or cl["mass"] > 1e-4:
+                table.add_row("", str(cl["cluster"]), str(cl["selected"]), str(cl["unique"]), f"{cl['mass']:.4f}")
+    out.print(table)
+    for note in summary.get("notes", []):
+        out.print(f"note: {safe(note)}", highlight=False)
+    rec = summary["recommendation"]
+    out.print(f"recommended recipe: [bold]{safe(rec['recipe'])}[/]: {safe(rec['reason'])}", highlight=False)
+
+
+#: the client's commands, by name: ``nds-client`` has them, and ``nds`` adds them (:func:`register`)
+COMMANDS: dict[str, Callable[..., Any]] = {"score": score, "query": query}
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``nds score`` to the ``nds`` app (idempotent: a second call changes nothing)."""
-    for command in app.registered_commands:
-        if command.name == "score" or command.callback is score:
-            return
-    app.command("score")(score)
+    """Add ``score`` and ``query`` to a typer app, the ``nds`` one among them (idempotent: a
+    command already there is left as it is)."""
+    for name, callback in COMMANDS.items():
+        if not any(c.name == name or c.callback is callback for c in app.registered_commands):
+            app.command(name)(callback)
+
+
+register(app)
+
+
+def main() -> None:
+    """The ``nds-client`` console script."""
+    app()

@@ -1,5 +1,5 @@
-"""What every ``nds`` command shares: the two consoles, how errors reach the user, and how
-text the CLI did not write itself is printed.
+"""What every ``nds`` and ``nds-client`` command shares: the two consoles, how errors reach
+the user, and how text the CLI did not write itself is printed.
 
 Names, labels, descriptions, file names, job errors and whatever a server sends are
 untrusted: printed as they are, rich would render their ``[markup]`` (a ``[link=...]``
@@ -11,7 +11,6 @@ text inert, :class:`SafeTable` applies it to every title, header and cell, and
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
@@ -21,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from nds_client.errors import NDSError, ServiceUnavailableError
+from nds_client.errors import NDSError
 
 out = Console()
 err = Console(stderr=True)
@@ -72,49 +71,33 @@ def fail(message: str, hint: str | None = None, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """The project's errors (the client's included) become a message on stderr and exit status 1."""
+#: turns an exception the project did not raise on purpose into (message, hint), or None
+Translator = Callable[[Exception], "tuple[str, str | None] | None"]
 
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except NDSError as exc:
-            raise fail(exc.message, exc.hint) from None
-        except Exception as exc:
-            bad_settings = _settings_error(exc)
-            if bad_settings is not None:
-                raise fail(*bad_settings) from None
-            unavailable = _database_unavailable(exc)
-            if unavailable is None:
+
+def error_handler(*translators: Translator) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A decorator for commands: the project's errors (the client's included) become a message
+    on stderr and exit status 1, and so does any exception one of ``translators`` recognises
+    (the server's CLI adds its own: invalid settings, an unreachable catalog database)."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except NDSError as exc:
+                raise fail(exc.message, exc.hint) from None
+            except Exception as exc:
+                for translate in translators:
+                    translated = translate(exc)
+                    if translated is not None:
+                        raise fail(*translated) from None
                 raise
-            raise fail(unavailable.message, unavailable.hint) from None
 
-    return wrapper
+        return wrapper
 
-
-def _settings_error(exc: Exception) -> tuple[str, str] | None:
-    """An invalid ``NDS_*`` setting (pydantic's ValidationError of :class:`nds.catalog.settings.Settings`)
-    as (message, hint) naming the variables; never their values, which may be secrets."""
-    if "pydantic" not in sys.modules:
-        return None
-    from pydantic import ValidationError
-
-    if not isinstance(exc, ValidationError) or exc.title != "Settings":
-        return None
-    problems = []
-    for error in exc.errors(include_url=False, include_input=False, include_context=False):
-        variable = "NDS_" + str(error["loc"][0]).upper() if error.get("loc") else "an NDS_* setting"
-        msg = str(error.get("msg", "invalid")).removeprefix("Value error, ")
-        problems.append(msg if msg.startswith(variable) else f"{variable}: {msg}")
-    return "invalid setting: " + "; ".join(problems), "fix or unset it in the environment (or the .env file)"
+    return decorate
 
 
-def _database_unavailable(exc: Exception) -> ServiceUnavailableError | None:
-    """The catalog database's connection errors, translated; the client commands never load
-    SQLAlchemy, so nothing is imported for them."""
-    if "sqlalchemy" not in sys.modules:
-        return None
-    from nds.catalog.db import unavailable_database
-
-    return unavailable_database(exc)
+#: the client's commands: only the project's own errors are expected
+handles_errors = error_handler()

@@ -14,9 +14,17 @@
     +-- ServiceUnavailableError  a backing service (broker, database) cannot be reached
     +-- AuthenticationError    no API key, or one that is unknown or revoked
     +-- PermissionDeniedError  a valid key whose role may not do this
+    +-- NDSClientError         anything the client SDK reports (:mod:`nds_client.client`)
+        +-- ServerError            the server answered an error (url, status_code, detail, field, hint)
+        +-- ServerUnreachable      no answer: connection refused, DNS, timeout (url, reason)
+        +-- IntegrityError         a downloaded file does not hash to the sha256 the server lists
+        +-- MissingDependencyError an optional package the call needs is not installed (the hint names the extra)
+        +-- ClientInputError       a bad argument (also an InvalidInputError, with ``field``)
+            +-- TargetError            bad target images or labels
 
 Third-party exceptions are translated in exactly one place per backend
-(``raise VectorStoreError(...) from exc``); the API maps these classes to HTTP codes.
+(``raise VectorStoreError(...) from exc``; httpx's in :mod:`nds_client.transport`); the API
+maps these classes to HTTP codes.
 """
 
 from __future__ import annotations
@@ -91,3 +99,42 @@ class AuthenticationError(NDSError):
 
 class PermissionDeniedError(NDSError):
     pass
+
+
+# --------------------------------------------------------------------------- the client's
+
+
+class NDSClientError(NDSError):
+    """Base class of every error the client raises."""
+
+
+class ServerError(NDSClientError):
+    """The server answered with an error status; carries its JSON body's detail, field and hint."""
+
+    def __init__(self, message: str, *, url: str, status_code: int, detail: str, field: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.url, self.status_code, self.detail, self.field = url, status_code, detail, field
+
+
+class ServerUnreachable(NDSClientError):
+    """No answer from the server (connection refused, unknown host, timeout, broken connection)."""
+
+    def __init__(self, message: str, *, url: str, reason: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.url, self.reason = url, reason
+
+
+class IntegrityError(NDSClientError):
+    """A downloaded expert's (or backbone's) bytes do not hash to the sha256 the server lists."""
+
+
+class MissingDependencyError(NDSClientError):
+    """An optional package the call needs is not installed; the hint says what to install."""
+
+
+class ClientInputError(NDSClientError, InvalidInputError):
+    """A bad argument; ``field`` names it."""
+
+
+class TargetError(ClientInputError):
+    """Bad target images or labels (empty, unreadable, mismatched, too few per label)."""

@@ -100,6 +100,6 @@ class ManifestDataset(Dataset):
         if by == "count":
             return CountSampler(self.counts, generator=generator)
         if by == "weight":
-            weights = torch.tensor([r["weight"] for r in self.rows], dtype=torch.double)
+            weights = [float(r["weight"]) for r in self.rows]
             return WeightedRandomSampler(weights, num_samples or sum(self.counts), replacement=True, generator=generator)
         raise InvalidInputError(f"unknown sampler {by!r}", field="by", hint="count or weight")

@@ -3,6 +3,13 @@
 The lightweight client imports this module, so it imports only numpy, onnxruntime and
 (optionally) onnx; never torch or sqlalchemy.
 
+``onnxruntime`` and ``onnxruntime-gpu`` install the same import name and break each other
+side by side, so ``nds-client`` depends on neither: the user picks one
+(``pip install 'nds-client[cpu]'`` or ``'nds-client[gpu]'``), or keeps the one installed,
+and this module runs on either. It is imported when a network first runs, not with this
+module; without it that call raises :class:`~nds_client.errors.MissingDependencyError`
+saying what to install.
+
 ``onnxruntime-gpu`` lists ``CUDAExecutionProvider`` as available even on a machine
 without a GPU, and a session asking for it then logs an error and falls back to the
 CPU. So :func:`create_session` asks for CUDA only when a GPU is visible, and the provider
@@ -11,15 +18,20 @@ really in use is read back from the session (:func:`active_provider`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnxruntime as ort
 
-from nds_client.errors import ArtifactError
+from nds_client.errors import ArtifactError, MissingDependencyError
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +39,20 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
 ModelSource = str | os.PathLike | bytes
+
+
+@functools.cache
+def load_onnxruntime() -> ModuleType:
+    """The ``onnxruntime`` module (from the onnxruntime or the onnxruntime-gpu wheel);
+    MissingDependencyError when neither is installed."""
+    try:
+        import onnxruntime as module
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"running the experts needs onnxruntime, which is not installed ({exc})",
+            hint="pip install 'nds-client[cpu]' (or 'nds-client[gpu]' for onnxruntime-gpu; never both)",
+        ) from exc
+    return module
 
 
 def _gpu_visible() -> bool | None:
@@ -47,7 +73,7 @@ def _gpu_visible() -> bool | None:
 def cuda_usable() -> bool | None:
     """Whether asking onnxruntime for CUDA makes sense here: False when the CUDA provider
     is not built in or no GPU is visible, True when one is, None when unknown."""
-    if CUDA not in ort.get_available_providers():
+    if CUDA not in load_onnxruntime().get_available_providers():
         return False
     return _gpu_visible()
 
@@ -65,6 +91,7 @@ def create_session(
     """An onnxruntime session for a model file or its bytes: the CUDA provider first when
     ``prefer_gpu`` and a GPU is usable, then the CPU. Check :func:`active_provider` for the
     provider really in use."""
+    ort = load_onnxruntime()
     options = ort.SessionOptions()
     if intra_op_num_threads is not None:
         options.intra_op_num_threads = intra_op_num_threads
@@ -104,7 +131,7 @@ def read_metadata(source: ModelSource) -> dict[str, str]:
     try:
         import onnx
     except ImportError:
-        onnx = None
+        onnx = None  # type: ignore[assignment]
     try:
         if onnx is not None:
             proto = (

@@ -3,7 +3,8 @@
 The input size is read from the model's input shape (or its ``input_size`` metadata,
 default 224); normalisation from its ``mean``/``std`` metadata (JSON lists), else
 ImageNet's. The output named ``features`` is used when there is one, else the first.
-The file must lie inside the data roots.
+The file must lie inside the data roots: the path goes through ``env.resolve_path``, which the
+catalog provides.
 """
 
 from __future__ import annotations
@@ -12,10 +13,18 @@ import json
 
 import numpy as np
 
-from nds.catalog.artifacts import sha256_file
-from nds.catalog.paths import resolve_in_roots
-from nds.plugins.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneEnv, normalize_rows, to_nchw
-from nds_client.errors import ArtifactError, InvalidInputError, PluginError
+from nds.plugins.contract import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ArtifactError,
+    Backbone,
+    BackboneEnv,
+    InvalidInputError,
+    PluginError,
+    normalize_rows,
+    sha256_file,
+    to_nchw,
+)
 from nds_client.runtime import create_session, read_metadata
 
 
@@ -58,7 +67,7 @@ def load(arg: str | None, env: BackboneEnv) -> Backbone:
     if not arg:
         raise PluginError("name the model file: onnx:<path>")
     try:
-        path = resolve_in_roots(arg, list(env.data_roots), field="backbone")
+        path = env.resolve_path(arg)
     except InvalidInputError as exc:
         raise PluginError(exc.message, hint=exc.hint) from exc
     try:

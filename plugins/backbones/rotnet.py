@@ -16,9 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nds.catalog.artifacts import sha256_file
-from nds.plugins.backbones.base import Backbone, BackboneEnv, normalize_rows, to_nchw
-from nds_client.errors import PluginError
+from nds.plugins.contract import IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneEnv, PluginError, normalize_rows, sha256_file, to_nchw
 from nds_client.runtime import create_session, run
 
 POINTER = "backbones/default.json"
@@ -70,7 +68,6 @@ def _train(env: BackboneEnv) -> None:
     from nds.catalog.model.export import export_onnx
     from nds.catalog.model.nets import NetConfig
     from nds.catalog.model.training import TrainConfig, train_rotation
-    from nds.plugins.backbones.base import IMAGENET_MEAN, IMAGENET_STD
 
     if env.training_images is None:
         raise PluginError("the default backbone needs registered images to train on")

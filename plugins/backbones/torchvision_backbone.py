@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nds.catalog.artifacts import sha256_file
-from nds.plugins.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneEnv, normalize_rows, to_nchw
-from nds_client.errors import PluginError
+from nds.plugins.contract import IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneEnv, PluginError, normalize_rows, sha256_file, to_nchw
 
 
 class TorchvisionBackbone(Backbone):

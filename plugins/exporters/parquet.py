@@ -8,19 +8,12 @@ from collections.abc import Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nds.plugins.exporters.base import COLUMNS, Exporter, Row
+from nds.plugins.contract import MANIFEST_COLUMNS, Exporter, Row
 
-SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("uri", pa.string()),
-        ("label", pa.string()),
-        ("dataset", pa.string()),
-        ("cluster", pa.int64()),
-        ("weight", pa.float64()),
-        ("count", pa.int64()),
-    ]
-)
+#: the arrow type of each manifest column; the columns and their order are MANIFEST_COLUMNS'
+TYPES = {"key": pa.string(), "uri": pa.string(), "label": pa.string(), "dataset": pa.string(),
+         "cluster": pa.int64(), "weight": pa.float64(), "count": pa.int64()}
+SCHEMA = pa.schema([(c, TYPES[c]) for c in MANIFEST_COLUMNS])
 
 
 class _Drain(io.RawIOBase):
@@ -53,7 +46,7 @@ class ParquetExporter(Exporter):
             for rows in chunks:
                 if not rows:
                     continue
-                writer.write_table(pa.Table.from_pydict({c: [row[c] for row in rows] for c in COLUMNS}, schema=SCHEMA))
+                writer.write_table(pa.Table.from_pydict({c: [row[c] for row in rows] for c in MANIFEST_COLUMNS}, schema=SCHEMA))
                 wrote = True
                 yield sink.take()
             if not wrote:

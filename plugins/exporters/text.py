@@ -7,7 +7,7 @@ import io
 import json
 from collections.abc import Iterable, Iterator
 
-from nds.plugins.exporters.base import COLUMNS, Exporter, Row
+from nds.plugins.contract import MANIFEST_COLUMNS, Exporter, Row
 
 
 def _cell(value: object) -> object:
@@ -26,12 +26,12 @@ class CsvExporter(Exporter):
     def stream(self, chunks: Iterable[list[Row]]) -> Iterator[bytes]:
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(COLUMNS)
+        writer.writerow(MANIFEST_COLUMNS)
         yield buf.getvalue().encode()
         for rows in chunks:
             buf.seek(0)
             buf.truncate()
-            writer.writerows([_cell(row[c]) for c in COLUMNS] for row in rows)
+            writer.writerows([_cell(row[c]) for c in MANIFEST_COLUMNS] for row in rows)
             yield buf.getvalue().encode()
 
 
@@ -42,4 +42,4 @@ class JsonlExporter(Exporter):
 
     def stream(self, chunks: Iterable[list[Row]]) -> Iterator[bytes]:
         for rows in chunks:
-            yield "".join(json.dumps({c: row[c] for c in COLUMNS}, ensure_ascii=False) + "\n" for row in rows).encode()
+            yield "".join(json.dumps({c: row[c] for c in MANIFEST_COLUMNS}, ensure_ascii=False) + "\n" for row in rows).encode()

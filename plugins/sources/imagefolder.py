@@ -10,8 +10,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from nds.plugins.sources.base import Source, SourceItem
-from nds_client.errors import SourceError
+from nds.plugins.contract import Source, SourceError, SourceItem
 
 
 class ImageFolderSource(Source):

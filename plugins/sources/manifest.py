@@ -12,8 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from nds.plugins.sources.base import Source, SourceItem
-from nds_client.errors import SourceError
+from nds.plugins.contract import Source, SourceError, SourceItem
 
 HINT = "a manifest is a .csv with a header row or a .jsonl file, with a 'uri' column and an optional 'label' column"
 

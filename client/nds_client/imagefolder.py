@@ -1,7 +1,8 @@
 """``imagefolder``: a directory tree DEST/<label>/<file> that torchvision's ImageFolder and
-FiftyOne read, made of symlinks (default) or copies of the manifest's images.
+FiftyOne read, made of symlinks (default) or copies of the manifest's images; what
+``nds-client query --format imagefolder`` writes.
 
-Folder names come from :func:`nds.plugins.exporters.names.label_folder_names`: one folder per
+Folder names come from :func:`nds_client.folder_names.label_folder_names`: one folder per
 distinct label, the label's Unicode kept, only what a file system cannot hold
 percent-encoded, collisions (``Cat``/``cat`` on a case-insensitive disk, over-long labels)
 told apart with ``~2``/a hash. Unlabelled samples go under ``_unlabelled``. ``labels.json``
@@ -25,14 +26,17 @@ import os
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
-from nds.plugins.exporters.base import Row
-from nds.plugins.exporters.names import UNLABELLED, UniqueNames, label_folder_names
 from nds_client.errors import InvalidInputError
+from nds_client.folder_names import UNLABELLED, UniqueNames, label_folder_names
 
 __all__ = ["LABELS_FILE", "UNLABELLED", "JsonlRows", "build_tree", "label_folder_names"]
 
 LABELS_FILE = "labels.json"
+
+#: one manifest row: the columns of :data:`nds_client.manifests.MANIFEST_COLUMNS`
+Row = dict[str, Any]
 
 
 class JsonlRows:
@@ -83,7 +87,7 @@ def build_tree(rows: Iterable[Row], dest: Path, *, copy: bool = False, data_root
     for row in rows:
         uri = str(row["uri"])
         src = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
-        if not src.is_absolute():
+        if not src.is_absolute() and data_root is not None:  # relative uris without a data root were refused above
             src = Path(data_root) / src
         folder_name = folders[_label(row)]
         folder = dest / folder_name

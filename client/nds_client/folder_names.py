@@ -20,7 +20,7 @@ The rule (:func:`label_folder_names`):
 
 Names are thus distinct for distinct labels, on case-sensitive and case-insensitive file
 systems alike. Exporters that write folders also write the exact mapping (see
-``nds.plugins.exporters.imagefolder``).
+:mod:`nds_client.imagefolder`).
 """
 
 from __future__ import annotations

@@ -1,0 +1,108 @@
+"""A stored query's picks resolved to samples: the manifest rows, chunk by chunk, in a fixed order.
+
+The columns are :data:`nds_client.manifests.MANIFEST_COLUMNS`, the one definition the client reads too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import numpy as np
+from sqlalchemy import tuple_
+from sqlmodel import Session, select
+
+from nds.catalog.access import LOCAL, Principal
+from nds.catalog.context import CatalogContext
+from nds.catalog.retrieval.picks import open_picks
+from nds.catalog.tables import Assignment, Dataset, Group, Query, Sample
+from nds_client.errors import GoneError
+from nds_client.manifests import MANIFEST_COLUMNS
+
+
+class ManifestRow(NamedTuple):
+    key: str
+    uri: str
+    label: str | None
+    dataset: str
+    cluster: int
+    weight: float
+    count: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(zip(MANIFEST_COLUMNS, self))
+
+
+def iter_manifest(
+    ctx: CatalogContext, query: Query, *, offset: int = 0, limit: int | None = None, chunk: int = 2000, principal: Principal = LOCAL,
+) -> Iterator[list[ManifestRow]]:
+    """The query's picks as manifest rows, in a fixed order (group, then rank), chunk by chunk.
+
+    Reads ``chunk`` picks at a time from the picks file and resolves them with a few indexed
+    lookups: a rank range for each group with many nearly consecutive picks, and one
+    row-value ``IN`` per dataset for the picks scattered over the other groups (a budget
+    spread over a thousand groups costs a handful of round trips, not a thousand). Memory
+    stays bounded whatever the number of rows.
+    """
+    versions = {int(k): int(v) for k, v in query.index_versions.items()}
+    show = ctx.shown_uri(principal)  # client keys see uris relative to the data roots (nds.catalog.uris)
+    with open_picks(ctx, query.id, datasets=set(versions)) as (table, total, read), Session(ctx.engine) as session:
+        names = {d.id: d.name for d in session.exec(select(Dataset).where(Dataset.id.in_(list(versions)))).all()}
+        _check_versions_exist(session, versions, names)
+        weights = table.weight
+        group_of = {(int(d), int(c), lab): g for g, (d, c, lab) in enumerate(zip(table.dataset_id.tolist(), table.cluster.tolist(), table.label))}
+        stop = total if limit is None else min(total, offset + limit)
+        for start in range(offset, stop, chunk):
+            picks = read(start, min(start + chunk, stop))
+            found: dict[tuple[int, int], tuple[int, str, str | None]] = {}  # (group, rank) -> (sample id, uri, label)
+            scattered: dict[int, list[tuple[int, list[int]]]] = {}          # dataset -> [(group, ranks)]
+            lookups = []                                                     # the SQL selects resolving this chunk
+            bounds = np.flatnonzero(np.diff(picks.group)) + 1  # picks are sorted by group
+            for lo, hi in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(picks.group)]])):
+                g = int(picks.group[lo])
+                ranks = picks.rank[lo:hi].tolist()
+                d = int(table.dataset_id[g])
+                if len(ranks) > 64 and ranks[-1] - ranks[0] < 4 * len(ranks):  # dense: one range scan
+                    lab = table.label[g]
+                    lookups.append(_ASSIGNED.where(Assignment.dataset_id == d, Assignment.index_version == versions[d],
+                                                   Assignment.cluster == int(table.cluster[g]),
+                                                   Assignment.label.is_(None) if lab is None else Assignment.label == lab,
+                                                   Assignment.rank.between(ranks[0], ranks[-1])))
+                else:
+                    scattered.setdefault(d, []).append((g, ranks))
+            for d, groups in scattered.items():
+                labelled = [(int(table.cluster[g]), table.label[g], r) for g, ranks in groups if table.label[g] is not None for r in ranks]
+                unlabelled = [(int(table.cluster[g]), r) for g, ranks in groups if table.label[g] is None for r in ranks]
+                in_version = (Assignment.dataset_id == d, Assignment.index_version == versions[d])
+                if labelled:
+                    lookups.append(_ASSIGNED.where(*in_version, tuple_(Assignment.cluster, Assignment.label, Assignment.rank).in_(labelled)))
+                if unlabelled:
+                    lookups.append(_ASSIGNED.where(*in_version, Assignment.label.is_(None), tuple_(Assignment.cluster, Assignment.rank).in_(unlabelled)))
+            for lookup in lookups:
+                for d, cluster, label, rank, sid, uri, slabel in session.exec(lookup).all():
+                    found[(group_of[(d, cluster, label)], rank)] = (sid, uri, slabel)
+            rows: list[ManifestRow] = []
+            for g, rank, count in zip(picks.group.tolist(), picks.rank.tolist(), picks.count.tolist()):
+                hit = found.get((g, rank))
+                if hit is not None:
+                    name = names[int(table.dataset_id[g])]
+                    rows.append(ManifestRow(f"{name}/{hit[0]}", show(hit[1]), hit[2], name, int(table.cluster[g]), float(weights[g]), count))
+            yield rows
+
+
+_ASSIGNED = select(Assignment.dataset_id, Assignment.cluster, Assignment.label, Assignment.rank, Sample.id, Sample.uri, Sample.label).join(
+    Sample, Sample.id == Assignment.sample_id
+)
+
+
+def _check_versions_exist(session: Session, versions: dict[int, int], names: dict[int, str]) -> None:
+    for did in versions:
+        if did not in names:
+            raise GoneError(f"dataset {did} of this query was deleted", hint="run the query again on the datasets there are now")
+    pairs = list(versions.items())
+    present = set(session.exec(
+        select(Group.dataset_id, Group.index_version).where(tuple_(Group.dataset_id, Group.index_version).in_(pairs)).distinct()
+    ).all())
+    for did, version in pairs:
+        if (did, version) not in present:
+            raise GoneError(f"index version {version} of dataset {names[did]!r} is gone (re-indexed twice since)", hint="run the query again")
