@@ -63,18 +63,13 @@ class ArtifactStore:
         return path
 
     @contextmanager
-    def writing(self, key: str, *, durable: bool = True) -> Iterator[Path]:
-        """Yield a temp path to write; on success it is renamed to ``key``, on error removed.
+    def _writing(self, key: str, target: Path, *, durable: bool) -> Iterator[Path]:
+        """Yield a temp path beside ``target``; on success it is renamed to ``target``, on error removed.
 
         ``durable`` fsyncs the file before the rename (models, backbones); small derived
         files whose loss a crash may cost (query picks) skip it, like the embedded SQLite
         catalog's own commits do (WAL with synchronous=NORMAL).
         """
-        with self._writing(key, self.path(key), durable=durable) as tmp:
-            yield tmp
-
-    @contextmanager
-    def _writing(self, key: str, target: Path, *, durable: bool) -> Iterator[Path]:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=target.suffix, dir=target.parent)

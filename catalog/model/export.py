@@ -68,7 +68,8 @@ def _metadata_strings(metadata: dict[str, Any]) -> dict[str, str]:
 
 def _frozen_copy(model: nn.Module) -> nn.Module:
     """An eval-mode float32 CPU copy; the caller's model (mode, device) is left untouched."""
-    return copy.deepcopy(model).to(device="cpu", dtype=torch.float32, memory_format=torch.contiguous_format).eval()
+    # torch's stubs type Module.to(memory_format=...) only alone; at runtime it takes a device and dtype with it
+    return copy.deepcopy(model).to(device="cpu", dtype=torch.float32, memory_format=torch.contiguous_format).eval()  # type: ignore[call-overload]
 
 
 def _float32() -> torch.autocast:
@@ -124,6 +125,7 @@ def export_onnx(
                     verbose=False,
                     report=False,
                 )
+            assert program is not None  # torch.onnx.export returns None only for the legacy exporter (dynamo=False)
             program.model.metadata_props.update(props)
             program.save(tmp, external_data=False)
         except (OSError, RuntimeError, ValueError, TypeError) as exc:  # OnnxExporterError is a RuntimeError

@@ -251,7 +251,8 @@ def _train(
         model = build_net(net_config)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     memory_format = torch.channels_last
-    model = model.to(device=device, memory_format=memory_format)
+    # torch's stubs type Module.to(memory_format=...) only alone; at runtime it takes a device with it
+    model = model.to(device=device, memory_format=memory_format)  # type: ignore[call-overload]
 
     # the uint8 images live on the training device (4x smaller than float)
     data = torch.from_numpy(np.ascontiguousarray(images)).to(device)
@@ -265,13 +266,14 @@ def _train(
     epochs = math.ceil(total_steps / steps_per_epoch)
     warmup = int(total_steps * cfg.warmup_fraction)
 
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr,
-        **({"fused": True} if on_cuda else {}),
+        fused=True if on_cuda else None,  # None is AdamW's default
     )
 
     def lr_at(step: int) -> float:
@@ -294,6 +296,7 @@ def _train(
         if task == "rotation":
             x, y = rotate_batch(x)  # (4b, C, S, S), (4b,)
         else:
+            assert targets is not None  # classifier runs always pass labels (train_classifier)
             y = targets[idx.to(device)]
         return x.contiguous(memory_format=memory_format), y
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from sqlalchemy import Connection, select
+from sqlmodel import col
 
 from nds.catalog.retrieval.weights import group_cells
 from nds.catalog.tables import Group
@@ -112,11 +113,11 @@ class GroupCache:
         if hit is not None:
             return hit
         rows = conn.execute(
-            select(Group.cluster, Group.label, Group.size)
-            .where(Group.dataset_id == dataset_id, Group.index_version == version)
-            .order_by(Group.id)
+            select(col(Group.cluster), col(Group.label), col(Group.size))
+            .where(col(Group.dataset_id) == dataset_id, col(Group.index_version) == version)
+            .order_by(col(Group.id))
         ).all()
-        groups = DatasetGroups.from_rows([tuple(r) for r in rows])
+        groups = DatasetGroups.from_rows([(cluster, label, size) for cluster, label, size in rows])
         with self._lock:
             if len(self._entries) >= self.max_entries:
                 self._entries.clear()

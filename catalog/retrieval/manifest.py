@@ -9,8 +9,9 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
+from sqlalchemy import select as sa_select
 from sqlalchemy import tuple_
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from nds.catalog.access import LOCAL, Principal
 from nds.catalog.context import CatalogContext
@@ -27,7 +28,7 @@ class ManifestRow(NamedTuple):
     dataset: str
     cluster: int
     weight: float
-    count: int
+    count: int  # type: ignore[assignment]  # a field named count shadows tuple.count; renaming it would change the manifest API
 
     def as_dict(self) -> dict[str, Any]:
         return dict(zip(MANIFEST_COLUMNS, self))
@@ -47,7 +48,10 @@ def iter_manifest(
     versions = {int(k): int(v) for k, v in query.index_versions.items()}
     show = ctx.shown_uri(principal)  # client keys see uris relative to the data roots (nds.catalog.uris)
     with open_picks(ctx, query.id, datasets=set(versions)) as (table, total, read), Session(ctx.engine) as session:
-        names = {d.id: d.name for d in session.exec(select(Dataset).where(Dataset.id.in_(list(versions)))).all()}
+        names: dict[int, str] = {}
+        for dataset in session.exec(select(Dataset).where(col(Dataset.id).in_(list(versions)))).all():
+            assert dataset.id is not None  # a primary key read back from the table (SQLModel types it Optional for unsaved rows)
+            names[dataset.id] = dataset.name
         _check_versions_exist(session, versions, names)
         weights = table.weight
         group_of = {(int(d), int(c), lab): g for g, (d, c, lab) in enumerate(zip(table.dataset_id.tolist(), table.cluster.tolist(), table.label))}
@@ -64,22 +68,23 @@ def iter_manifest(
                 d = int(table.dataset_id[g])
                 if len(ranks) > 64 and ranks[-1] - ranks[0] < 4 * len(ranks):  # dense: one range scan
                     lab = table.label[g]
-                    lookups.append(_ASSIGNED.where(Assignment.dataset_id == d, Assignment.index_version == versions[d],
-                                                   Assignment.cluster == int(table.cluster[g]),
-                                                   Assignment.label.is_(None) if lab is None else Assignment.label == lab,
-                                                   Assignment.rank.between(ranks[0], ranks[-1])))
+                    lookups.append(_ASSIGNED.where(col(Assignment.dataset_id) == d, col(Assignment.index_version) == versions[d],
+                                                   col(Assignment.cluster) == int(table.cluster[g]),
+                                                   col(Assignment.label).is_(None) if lab is None else col(Assignment.label) == lab,
+                                                   col(Assignment.rank).between(ranks[0], ranks[-1])))
                 else:
                     scattered.setdefault(d, []).append((g, ranks))
             for d, groups in scattered.items():
                 labelled = [(int(table.cluster[g]), table.label[g], r) for g, ranks in groups if table.label[g] is not None for r in ranks]
                 unlabelled = [(int(table.cluster[g]), r) for g, ranks in groups if table.label[g] is None for r in ranks]
-                in_version = (Assignment.dataset_id == d, Assignment.index_version == versions[d])
+                in_version = (col(Assignment.dataset_id) == d, col(Assignment.index_version) == versions[d])
                 if labelled:
                     lookups.append(_ASSIGNED.where(*in_version, tuple_(Assignment.cluster, Assignment.label, Assignment.rank).in_(labelled)))
                 if unlabelled:
-                    lookups.append(_ASSIGNED.where(*in_version, Assignment.label.is_(None), tuple_(Assignment.cluster, Assignment.rank).in_(unlabelled)))
+                    lookups.append(_ASSIGNED.where(*in_version, col(Assignment.label).is_(None), tuple_(Assignment.cluster, Assignment.rank).in_(unlabelled)))
             for lookup in lookups:
-                for d, cluster, label, rank, sid, uri, slabel in session.exec(lookup).all():
+                for d, cluster, label, rank, sid, uri, slabel in session.execute(lookup).all():  # what exec runs for a Select
+                    assert sid is not None  # a primary key read back from the table
                     found[(group_of[(d, cluster, label)], rank)] = (sid, uri, slabel)
             rows: list[ManifestRow] = []
             for g, rank, count in zip(picks.group.tolist(), picks.rank.tolist(), picks.count.tolist()):
@@ -90,9 +95,10 @@ def iter_manifest(
             yield rows
 
 
-_ASSIGNED = select(Assignment.dataset_id, Assignment.cluster, Assignment.label, Assignment.rank, Sample.id, Sample.uri, Sample.label).join(
-    Sample, Sample.id == Assignment.sample_id
-)
+# SQLAlchemy's select: sqlmodel's select() and Session.exec() are typed for at most four columns
+_ASSIGNED = sa_select(
+    col(Assignment.dataset_id), col(Assignment.cluster), col(Assignment.label), col(Assignment.rank), col(Sample.id), col(Sample.uri), col(Sample.label),
+).join(Sample, col(Sample.id) == col(Assignment.sample_id))
 
 
 def _check_versions_exist(session: Session, versions: dict[int, int], names: dict[int, str]) -> None:

@@ -19,7 +19,7 @@ import os
 import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeGuard
 
 import numpy as np
 
@@ -41,7 +41,7 @@ class PickSlice(NamedTuple):
 
     group: np.ndarray  # int64
     rank: np.ndarray   # int64
-    count: np.ndarray  # int64
+    count: np.ndarray  # type: ignore[assignment]  # int64; a field named count shadows tuple.count, renaming it would change the picks API
 
 
 def picks_key(query_id: str) -> str:
@@ -81,7 +81,7 @@ def _damaged(query_id: str, what: str) -> GoneError:
                          hint="the same request and seed select the same samples")
 
 
-def _is_count(value: Any) -> bool:  # noqa: ANN401 - a JSON value
+def _is_count(value: Any) -> TypeGuard[int]:  # noqa: ANN401 - a JSON value
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**62
 
 

@@ -18,8 +18,8 @@ from dataclasses import fields
 from typing import Any, NamedTuple
 
 import numpy as np
-from sqlalchemy import Connection, bindparam, insert
-from sqlmodel import Session, select
+from sqlalchemy import Connection, bindparam, insert, select
+from sqlmodel import Session, col
 
 from nds.catalog.access import LOCAL, Principal, visible_dataset_ids
 from nds.catalog.context import CatalogContext
@@ -44,12 +44,13 @@ class Groups(NamedTuple):
 
 # the two lookups of a query, built once (SQLAlchemy caches their compiled form)
 _EXPERTS_WITH_DATASETS = (
-    select(Expert.id, Expert.dataset_id, Expert.kind, Expert.cluster, Expert.index_version, Dataset.name, Dataset.index_version)
-    .join(Dataset, Dataset.id == Expert.dataset_id)
-    .where(Expert.id.in_(bindparam("ids", expanding=True)))
+    select(col(Expert.id), col(Expert.dataset_id), col(Expert.kind), col(Expert.cluster), col(Expert.index_version), col(Dataset.name),
+           col(Dataset.index_version))
+    .join(Dataset, col(Dataset.id) == col(Expert.dataset_id))
+    .where(col(Expert.id).in_(bindparam("ids", expanding=True)))
 )
 _INSERT_QUERY = insert(Query)
-_DATASETS = select(Dataset.id, Dataset.name, Dataset.index_version).where(Dataset.id.in_(bindparam("ids", expanding=True)))
+_DATASETS = select(col(Dataset.id), col(Dataset.name), col(Dataset.index_version)).where(col(Dataset.id).in_(bindparam("ids", expanding=True)))
 
 
 def build_groups(
@@ -70,9 +71,10 @@ def build_groups(
         ids = list(request.expert_scores)
         rows = conn.execute(_EXPERTS_WITH_DATASETS, {"ids": ids}).all()  # experts and their datasets, one round trip
         visible = visible_dataset_ids(session=conn, principal=principal, among=sorted({r[1] for r in rows}))
-        for eid, did, kind, cluster, version, name, current in rows:
+        for eid, did, expert_kind, cluster, version, name, current in rows:
+            assert eid is not None  # a primary key read back from the table (SQLModel types it Optional for unsaved rows)
             if visible is None or did in visible:
-                experts[eid] = (did, kind.value if isinstance(kind, ExpertKind) else str(kind), cluster, version)
+                experts[eid] = (did, expert_kind.value if isinstance(expert_kind, ExpertKind) else str(expert_kind), cluster, version)
                 names[did] = name
                 versions[did] = current
         unknown = [i for i in ids if i not in experts]
@@ -86,7 +88,10 @@ def build_groups(
     names = {d: n for d, n in names.items() if d in dataset_ids}
     versions = {d: v for d, v in versions.items() if d in dataset_ids}
     if dataset_ids - set(names):  # datasets named only by label priors
-        found = conn.execute(_DATASETS, {"ids": sorted(dataset_ids - set(names))}).all()
+        found: list[tuple[int, str, int]] = []
+        for found_id, name, current in conn.execute(_DATASETS, {"ids": sorted(dataset_ids - set(names))}).all():
+            assert found_id is not None  # a primary key read back from the table
+            found.append((found_id, name, current))
         visible = visible_dataset_ids(session=conn, principal=principal, among=[r[0] for r in found])
         if visible is not None:
             found = [r for r in found if r[0] in visible]
@@ -107,6 +112,7 @@ def build_groups(
         if kind != rotation:
             ignored.append(eid)
             continue
+        assert cluster is not None  # rotation experts are always written with their cluster (nds.catalog.indexing)
         if version != versions[did]:
             raise field_error(
                 f"expert {eid} belongs to index version {version} of dataset {names[did]!r}, which is now at version {versions[did]}",

@@ -36,11 +36,10 @@ def recommend_recipe(request: QueryRequest, cluster_scores: Mapping[tuple[int, i
     method = request.score_method or "rotation"
     close = closeness(method, cluster_scores, names)
     threshold = {"linear-probe": SIMILAR_PROBE_SCORE, "embedding": SIMILAR_EMBEDDING_SHARE}.get(method, SIMILAR_ROTATION_SCORE)
-    similar = close is not None and close[0] >= threshold
     size_text = f"{n} target images" if n else "a target of unknown size (assumed small)"
     if n and n >= LARGE_TARGET:
         return {"recipe": "fine-tune", "reason": f"With {size_text}, pre-train on the selection and fine-tune every layer: there is enough target data to adapt the whole network."}
-    if similar:
+    if close is not None and close[0] >= threshold:  # a close source domain
         return {"recipe": "linear-probe", "reason": f"With {size_text} and a close source domain ({close[1]} >= {threshold}), pre-train on the selection and train a linear classifier on its frozen features."}
     score_text = f"{close[1]} < {threshold}" if close is not None else "no expert scores"
     return {"recipe": "linear-probe-early-layers", "reason": f"With {size_text} and a distant source domain ({score_text}), train a linear classifier on earlier-layer features of the network pre-trained on the selection, or fine-tune only the last block."}

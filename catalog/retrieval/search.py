@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from nds.catalog.access import LOCAL, Principal, visible_clause
 from nds.catalog.context import CatalogContext
@@ -26,17 +26,21 @@ def search(
         if clause is not None:
             query = query.where(clause)
             if datasets is None:  # never search what this key may not see
-                datasets = [d.id for d in session.exec(query).all()]
+                visible_ids: list[int] = []
+                for d in session.exec(query).all():
+                    assert d.id is not None  # a primary key read back from the table (SQLModel types it Optional for unsaved rows)
+                    visible_ids.append(d.id)
+                datasets = visible_ids
         indexed = session.exec(query).all()
         spaces = sorted({d.backbone for d in indexed if d.backbone})
         if backbone is None:
             pool = [d for d in indexed if datasets is None or d.id in datasets]
-            found = sorted({d.backbone for d in pool if d.backbone})
-            if not found:
+            pool_spaces = sorted({d.backbone for d in pool if d.backbone})
+            if not pool_spaces:
                 raise InvalidInputError("no indexed dataset to search", field="datasets", hint="index a dataset first")
-            if len(found) > 1:
-                raise InvalidInputError(f"the datasets live in several embedding spaces: {found}", field="backbone", hint="name one backbone version")
-            backbone = found[0]
+            if len(pool_spaces) > 1:
+                raise InvalidInputError(f"the datasets live in several embedding spaces: {pool_spaces}", field="backbone", hint="name one backbone version")
+            backbone = pool_spaces[0]
         elif backbone not in spaces:
             raise InvalidInputError(f"unknown backbone version {backbone!r}; known: {spaces}", field="backbone")
         names = {d.id: d.name for d in indexed}
@@ -66,12 +70,14 @@ def search(
         with Session(ctx.engine) as session:
             rows = session.exec(
                 select(Sample.id, Sample.uri, Assignment.cluster)
-                .join(Dataset, Dataset.id == Sample.dataset_id)
-                .join(Assignment, (Assignment.sample_id == Sample.id) & (Assignment.index_version == Dataset.index_version))
-                .where(Sample.id.in_(ids), Dataset.backbone == backbone)  # the dataset's active space, not a new one being indexed
+                .join(Dataset, col(Dataset.id) == col(Sample.dataset_id))
+                .join(Assignment, (col(Assignment.sample_id) == col(Sample.id)) & (col(Assignment.index_version) == col(Dataset.index_version)))
+                .where(col(Sample.id).in_(ids), Dataset.backbone == backbone)  # the dataset's active space, not a new one being indexed
             ).all()
             show = ctx.shown_uri(principal)  # client keys see uris relative to the data roots
-            found = {sid: (show(uri), cluster) for sid, uri, cluster in rows}
+            for sid, uri, cluster in rows:
+                assert sid is not None  # a primary key read back from the table
+                found[sid] = (show(uri), cluster)
     return {
         "backbone": backbone,
         "results": [
