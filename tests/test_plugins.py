@@ -124,3 +124,15 @@ def test_the_contract_is_what_a_plugin_imports(tmp_path):
     assert not hasattr(contract.Backbone, "collection")  # the catalog names collections
     with pytest.raises(contract.InvalidInputError, match="no file paths"):
         contract.BackboneEnv(artifacts=ArtifactStore(tmp_path)).resolve_path("/etc/passwd")
+
+
+def test_the_client_knows_every_manifest_format_the_server_streams():
+    """The manifest formats are the exporters; the client's table of them (nds_client.manifests,
+    which it cannot read from the server's entry points) must name the same formats and suffixes."""
+    from nds.plugins.registry import exporter_registry
+    from nds_client.manifests import MANIFEST_FORMATS
+
+    exporters = exporter_registry()
+    assert sorted(exporters.names()) == sorted(MANIFEST_FORMATS)
+    for name in exporters.names():
+        assert exporters.get(name).suffix == MANIFEST_FORMATS[name]
