@@ -43,7 +43,7 @@ demo: install
 	cd $(DEMO_DIR) && NDS_HOME=.nds NDS_DATA_ROOTS=. ../$(PY) -m nds.api.demo
 
 bench: install
-	for b in registration hostile_files onnx_parity vectors indexing client retrieval selection fuzz load; do $(PY) -m benchmarks.$$b || exit 1; done
+	for b in registration hostile_files onnx_parity vectors indexing client client_install retrieval selection fuzz load; do $(PY) -m benchmarks.$$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .nds .pytest_cache .typecheck

@@ -2,7 +2,7 @@
 
 A method turns the target images into one score per rotation expert (higher: that expert's
 cluster is a better source for the target). :meth:`nds_client.Client.score` resolves it by
-name (:func:`nds_client.methods.resolve`), calls :meth:`ScoringMethod.check_labels` and
+name (:func:`nds_client.methods.method_named`; ``auto`` by :func:`~nds_client.methods.resolve_auto`), calls :meth:`ScoringMethod.check_labels` and
 :meth:`ScoringMethod.prepare` before anything is downloaded, fetches what the method runs
 (the experts' files when :attr:`ScoringMethod.runs_experts`), then :meth:`ScoringMethod.score`,
 which decodes the target through :meth:`ScoringRun.decode` (so the classifiers that estimate
