@@ -26,7 +26,7 @@ COPY plugins ./plugins
 COPY migrations ./migrations
 COPY samples ./samples
 # the client distribution first: the server depends on it (nds-client==0.1.0)
-RUN pip install ./client . 
+RUN pip install ./client .
 
 RUN useradd --system --uid 10001 --home-dir /var/lib/nds nds \
     && mkdir -p /var/lib/nds/artifacts /data \

@@ -41,7 +41,7 @@ from sqlmodel import select
 
 from nds.catalog.context import CatalogContext
 from nds.catalog.db import session_scope
-from nds.catalog.index_options import INDEX_LIMITS, PARTITIONS, IndexRequest  # noqa: F401 - PARTITIONS, IndexRequest: re-exported
+from nds.catalog.index_options import INDEX_LIMITS, IndexRequest
 from nds.catalog.jobs import GPU, JobFailed, JobKind, JobReporter, create_job, datasets_with_live_jobs, register_job_kind
 from nds.catalog.paths import resolve_in_roots
 from nds.catalog.spaces import publish_backbone

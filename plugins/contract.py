@@ -45,13 +45,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
 from nds_client.errors import ArtifactError, InvalidInputError, PluginError, SourceError
 from nds_client.files import sha256_file  # the one file hash: a backbone's version, an artifact's digest
-from nds_client.manifests import MANIFEST_COLUMNS
+from nds_client.manifests import MANIFEST_COLUMNS, Row
 from nds_client.preprocessing import IMAGENET_MEAN, IMAGENET_STD, normalize_rows, to_nchw
 
 __all__ = [
@@ -150,9 +150,6 @@ class Backbone(ABC):
 
 
 # --------------------------------------------------------------------------- exporters
-
-
-Row = dict[str, Any]  # one manifest row: a value for each of MANIFEST_COLUMNS
 
 
 class Exporter(ABC):

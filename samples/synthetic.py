@@ -15,6 +15,7 @@ from sqlalchemy import insert
 from nds.catalog.context import CatalogContext
 from nds.catalog.db import session_scope
 from nds.catalog.tables import Assignment, Cluster, Dataset, DatasetStatus, Expert, ExpertKind, Group, Sample
+from nds.catalog.vectors import collection_name
 
 
 @dataclass
@@ -102,7 +103,7 @@ def _insert_samples(ctx: CatalogContext, did: int, name: str, sizes: np.ndarray,
 
 def add_files_and_vectors(ctx: CatalogContext, *, dim: int = 8, seed: int = 0) -> int:
     """Give every expert of the catalog a (fake) model file in the artifact store and every
-    sample a random unit vector in the ``synthetic`` space (collection ``emb-synthetic``, the
+    sample a random unit vector in the ``synthetic`` space (collection ``collection_name("synthetic")``, the
     backbone :func:`add_indexed_dataset` records): what downloads, search and catalog moves
     read. Returns the number of points."""
     from sqlmodel import Session, select
@@ -111,7 +112,8 @@ def add_files_and_vectors(ctx: CatalogContext, *, dim: int = 8, seed: int = 0) -
         for expert in session.exec(select(Expert)).all():
             ctx.artifacts.write_bytes(expert.artifact, f"model {expert.id}".encode())
         samples = session.exec(select(Sample.id, Sample.dataset_id, Sample.label).order_by(Sample.id)).all()
-    ctx.vectors.ensure_collection("emb-synthetic", dim)
+    collection = collection_name("synthetic")
+    ctx.vectors.ensure_collection(collection, dim)
     vectors = np.random.default_rng(seed).normal(size=(len(samples), dim)) + 0.1
-    ctx.vectors.upsert("emb-synthetic", [s[0] for s in samples], vectors, [{"dataset_id": s[1], "label": s[2]} for s in samples])
+    ctx.vectors.upsert(collection, [s[0] for s in samples], vectors, [{"dataset_id": s[1], "label": s[2]} for s in samples])
     return len(samples)

@@ -86,6 +86,17 @@ def test_env_example_lists_every_setting():
     assert not missing, f".env.example lacks {missing}"
 
 
+def test_the_wheel_lists_every_sub_package():
+    """The package-dir mapping lists packages by hand: a new sub-package folder must be added."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setuptools["packages"])
+    for package, folder in setuptools["package-dir"].items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = path.parent.relative_to(ROOT / folder).parts
+            if "__pycache__" not in parts:
+                assert ".".join((package, *parts)) in listed, f"{path.parent} is not in [tool.setuptools] packages"
+
+
 def test_dockerfile_installs_every_package():
     dockerfile = (ROOT / "Dockerfile").read_text()
     folders = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values()

@@ -199,8 +199,9 @@ def test_the_model_package_imports_no_sql_and_no_http() -> None:
 
 
 def test_weighting_and_sampling_are_pure() -> None:
-    pure = [m for m in module_files() if m in ("nds.catalog.retrieval.weights", "nds.catalog.retrieval.sampling")]
-    assert len(pure) == 2, pure
+    names = ("nds.catalog.retrieval.weights", "nds.catalog.retrieval.sampling", "nds.catalog.retrieval.request", "nds.catalog.retrieval.recipe")
+    pure = [m for m in module_files() if m in names]
+    assert len(pure) == len(names), pure
     broken = _breaks({m: (*SQL, *HTTP, "nds.catalog.tables", "nds.catalog.db", "nds.catalog.context", "nds.api", "nds.workers") for m in pure})
     assert not broken, "\n".join(broken)
 
@@ -210,6 +211,17 @@ def test_sample_data_stays_out_of_the_product() -> None:
                                   "nds_client": ("nds.samples",), "nds.api": ("nds.samples",)})
               if not b.startswith("nds.api.demo ")]
     assert not broken, "\n".join(broken)
+
+
+def test_nothing_imports_the_folders_by_their_repository_names() -> None:
+    """``from catalog...`` works from the repository root (it is on sys.path under pytest) and
+    fails once installed, where the folders are nds.catalog, nds.api, ...: never write it."""
+    folders = {folder.split("/")[0] for folder in PACKAGES if folder != "client/nds_client"} | {"migrations"}
+    paths = [*module_files().items(), *(("tests." + p.stem, p) for p in sorted((ROOT / "tests").rglob("*.py"))),
+             *(("benchmarks." + p.stem, p) for p in sorted((ROOT / "benchmarks").rglob("*.py")))]
+    broken = [f"{path.relative_to(ROOT)} imports {name}" for module, path in paths
+              for name in sorted(imported_names(module, path)) if name.split(".")[0] in folders]
+    assert not broken, "import them as nds.<folder>:\n" + "\n".join(broken)
 
 
 def test_tests_do_not_import_the_benchmarks() -> None:
@@ -232,7 +244,7 @@ def test_layers() -> None:
                 broken.append(f"{module} imports {name}: the catalog knows nothing of the API or the workers")
             elif layer == "workers" and top == "api":
                 broken.append(f"{module} imports {name}: the workers know nothing of the API")
-            elif layer == "api" and top == "workers" and name not in ("workers", "nds.workers.queues") and not name.startswith("nds.workers.queues."):
+            elif layer == "api" and top == "workers" and name not in ("nds.workers", "nds.workers.queues") and not name.startswith("nds.workers.queues."):
                 broken.append(f"{module} imports {name}: the API takes only the Celery names (nds.workers.queues) from the workers")
     assert not broken, "\n".join(broken)
 

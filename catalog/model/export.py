@@ -25,7 +25,7 @@ from torch import nn
 
 from nds.catalog.model.nets import NetConfig
 from nds_client.errors import ArtifactError
-from nds_client.runtime import ModelSource, active_provider, create_session, read_metadata  # noqa: F401 (re-exported)
+from nds_client.runtime import ModelSource, create_session
 
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("logits", "features")

@@ -155,6 +155,3 @@ def build_net(config: NetConfig) -> NarrowResNet:
     wrap in ``torch.random.fork_rng`` + ``torch.manual_seed`` for reproducible weights)."""
     return NarrowResNet(config)
 
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -131,7 +131,7 @@ def score(
 @handles_errors
 def query(
     server: Annotated[str, typer.Option(help="URL of the server, e.g. http://127.0.0.1:8000.")],
-    scores: Annotated[Path, typer.Option(help="Scores file written by 'nds score' (plain JSON).")],
+    scores: Annotated[Path, typer.Option(help="Scores file written by 'nds-client score' or 'nds score' (plain JSON).")],
     budget: Annotated[int, typer.Option(help="Number of samples to select.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="manifest.csv|.jsonl|.parquet, or a folder with --format imagefolder.")],
     priors: Annotated[Path | None, typer.Option(help="Label priors JSON: {dataset_id: {label: p}} (default: those in the scores file).")] = None,

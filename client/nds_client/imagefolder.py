@@ -26,18 +26,14 @@ import os
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
 
 from nds_client.errors import InvalidInputError
 from nds_client.folder_names import UNLABELLED, UniqueNames, label_folder_names
+from nds_client.manifests import Row
 
 __all__ = ["LABELS_FILE", "UNLABELLED", "JsonlRows", "build_tree", "label_folder_names"]
 
 LABELS_FILE = "labels.json"
-
-#: one manifest row: the columns of :data:`nds_client.manifests.MANIFEST_COLUMNS`
-Row = dict[str, Any]
-
 
 class JsonlRows:
     """The rows of a .jsonl manifest, read afresh on each pass (:func:`build_tree` makes two)."""

@@ -9,8 +9,12 @@ sample was drawn). The server streams it in one of :data:`MANIFEST_FORMATS`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 MANIFEST_COLUMNS: tuple[str, ...] = ("key", "uri", "label", "dataset", "cluster", "weight", "count")
+
+#: one manifest row: a value for each of MANIFEST_COLUMNS
+Row = dict[str, Any]
 
 #: format name -> file suffix, for every format the server streams
 MANIFEST_FORMATS: dict[str, str] = {"csv": ".csv", "jsonl": ".jsonl", "parquet": ".parquet"}

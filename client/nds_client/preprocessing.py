@@ -18,7 +18,7 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 def to_nchw(images: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
     """uint8 (B, S, S, C) -> float32 (B, C, S, S), ``(x / 255 - mean) / std``."""
-    x = images.astype(np.float32) * np.float32(1.0 / 255.0)
+    x = images.astype(np.float32) / np.float32(255.0)  # a division, as training's torch version does
     x -= np.asarray(mean, np.float32)
     x /= np.asarray(std, np.float32)
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
@@ -30,9 +30,9 @@ def rotations(images: np.ndarray) -> np.ndarray:
     return np.concatenate([np.rot90(images, k, axes=(1, 2)) for k in range(4)], axis=0)
 
 
-def normalize_rows(x: np.ndarray) -> np.ndarray:
-    """(N, ...) -> float32 (N, D) rows of unit length (zero rows stay zero)."""
-    x = np.asarray(x, dtype=np.float32)
+def normalize_rows(x: np.ndarray, dtype: type[np.floating] = np.float32) -> np.ndarray:
+    """(N, ...) -> (N, D) rows of unit length in ``dtype`` (zero rows stay zero)."""
+    x = np.asarray(x, dtype=dtype)
     x = x.reshape(x.shape[0], int(np.prod(x.shape[1:])))  # not (len(x), -1): that fails for 0 rows
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.maximum(norms, 1e-12)

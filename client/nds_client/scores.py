@@ -106,7 +106,7 @@ class Scores:
     @classmethod
     def from_dict(cls, data: Any) -> Scores:
         def bad(why: str) -> ClientInputError:
-            return ClientInputError(f"not an NDS scores file: {why}", field="scores", hint="write one with `nds score TARGET -o scores.json`")
+            return ClientInputError(f"not an NDS scores file: {why}", field="scores", hint="write one with `nds-client score TARGET -o scores.json` (or `nds score`)")
 
         if not isinstance(data, dict):
             raise bad("the top level is not a JSON object")

@@ -8,7 +8,7 @@ Without AUTOINCREMENT, SQLite gives a new row the largest id in use plus one, so
 the newest dataset handed its id (and its experts', samples' and clusters' ids) to the
 next one, and a stored query that named them served another dataset's rows. PostgreSQL's
 sequences never go back, so only SQLite tables are rebuilt (row for row, with their
-indexes; ``catalog.db`` runs SQLite migrations with foreign-key actions off and checks
+indexes; ``nds.catalog.db`` runs SQLite migrations with foreign-key actions off and checks
 every reference before committing). The ids that deleted rows left behind and that the
 catalog still names (datasets in jobs and stored queries, experts in stored queries) are
 marked used too, so they are never handed out again.

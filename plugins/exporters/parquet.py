@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nds.plugins.contract import MANIFEST_COLUMNS, Exporter, Row
+from nds_client.manifests import MANIFEST_FORMATS  # the built-in formats: the client knows them by name
 
 #: the arrow type of each manifest column; the columns and their order are MANIFEST_COLUMNS'
 TYPES = {"key": pa.string(), "uri": pa.string(), "label": pa.string(), "dataset": pa.string(),
@@ -37,7 +38,7 @@ class _Drain(io.RawIOBase):
 class ParquetExporter(Exporter):
     name = "parquet"
     media_type = "application/vnd.apache.parquet"
-    suffix = ".parquet"
+    suffix = MANIFEST_FORMATS["parquet"]
 
     def stream(self, chunks: Iterable[list[Row]]) -> Iterator[bytes]:
         sink = _Drain()

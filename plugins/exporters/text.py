@@ -8,6 +8,7 @@ import json
 from collections.abc import Iterable, Iterator
 
 from nds.plugins.contract import MANIFEST_COLUMNS, Exporter, Row
+from nds_client.manifests import MANIFEST_FORMATS  # the built-in formats: the client knows them by name
 
 
 def _cell(value: object) -> object:
@@ -21,7 +22,7 @@ def _cell(value: object) -> object:
 class CsvExporter(Exporter):
     name = "csv"
     media_type = "text/csv"
-    suffix = ".csv"
+    suffix = MANIFEST_FORMATS["csv"]
 
     def stream(self, chunks: Iterable[list[Row]]) -> Iterator[bytes]:
         buf = io.StringIO()
@@ -38,7 +39,7 @@ class CsvExporter(Exporter):
 class JsonlExporter(Exporter):
     name = "jsonl"
     media_type = "application/x-ndjson"
-    suffix = ".jsonl"
+    suffix = MANIFEST_FORMATS["jsonl"]
 
     def stream(self, chunks: Iterable[list[Row]]) -> Iterator[bytes]:
         for rows in chunks:

@@ -82,7 +82,7 @@ class EmbeddingMethod(ScoringMethod):
             step = max(1, run.batch_size)
             feats = [session.run([output], {name: to_nchw(x[i : i + step], space["mean"], space["std"])})[0].reshape(len(x[i : i + step]), -1)
                      for i in range(0, n, step)]
-            emb = normalize_rows(np.concatenate(feats))
+            emb = normalize_rows(np.concatenate(feats), np.float64)
             keys: list[tuple[int, int | None]] = []
             rows = []
             for dataset_id in sorted({e.dataset_id for e in members}):
@@ -92,7 +92,7 @@ class EmbeddingMethod(ScoringMethod):
                         rows.append(c["centroid"])
             if not rows:
                 continue
-            sim = emb @ normalize_rows(np.asarray(rows, dtype=np.float32)).T  # (n, clusters): cosine similarity
+            sim = emb @ normalize_rows(np.asarray(rows), np.float64).T  # (n, clusters): cosine similarity
             share = np.bincount(sim.argmax(axis=1), minlength=len(keys)) / n
             column = {k: j for j, k in enumerate(keys)}
             for e in members:
