@@ -26,6 +26,7 @@ from nds.catalog.index_options import INDEX_LIMITS, IndexRequest  # light: the i
 from nds.catalog.settings import Settings, load_settings
 from nds_client.console import SafeTable as Table  # escapes every title, header and string cell: names and labels are untrusted
 from nds_client.console import err, error_handler, fail, out, safe
+from nds_client.errors import InvalidInputError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False, help="Neural Data Server: find the source data worth pre-training on.")
 db_app = typer.Typer(no_args_is_help=True, help="Create, upgrade and inspect the catalog schema.")
@@ -196,8 +197,12 @@ def _safe_url(url: str) -> str:
 @handles_errors
 def datasets_add(
     name: Annotated[str, typer.Argument(help="A unique name for the dataset.")],
-    path: Annotated[str, typer.Argument(help="An image folder (PATH/<label>/<image>) or a CSV/JSONL manifest.")],
-    source: Annotated[str, typer.Option(help="Source plugin: imagefolder, manifest, or another installed one.")] = "imagefolder",
+    path: Annotated[str, typer.Argument(help="An image folder, a manifest, shards ('shards/{000..099}.tar', a glob), Parquet files, "
+                                                 "a COCO JSON; local or s3://.")],
+    source: Annotated[str, typer.Option(help="Source plugin: imagefolder, manifest, webdataset, parquet, coco, or another installed one.")] = "imagefolder",
+    label_field: Annotated[str | None, typer.Option("--label-field", help="webdataset: the JSON field that holds the label; "
+                                                                          "parquet: the label column.")] = None,
+    option: Annotated[list[str] | None, typer.Option("--option", "-O", help="A source option KEY=VALUE (repeatable), e.g. -O images=/data/coco/train2017.")] = None,
     license: Annotated[str | None, typer.Option(help="License of the data.")] = None,
     description: Annotated[str | None, typer.Option(help="What the dataset holds.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
@@ -205,9 +210,12 @@ def datasets_add(
     """Register a source dataset: scan it, store one row per image, print a summary."""
     from nds.catalog.registration import RegistrationRequest, start_registration
 
+    options = parse_options(option or [])
+    if label_field is not None:
+        options["label_field"] = label_field
     with open_ctx() as ctx:
         dataset, job = start_registration(
-            ctx, RegistrationRequest(name=name, path=path, source=source, description=description, license=license)
+            ctx, RegistrationRequest(name=name, path=path, source=source, description=description, license=license, options=options)
         )
         finished = run_with_progress(ctx, job, f"registering {name}", quiet=as_json)
         if finished.status.value != "succeeded":
@@ -223,8 +231,26 @@ def datasets_add(
         for reason, count in (result.get("skipped_reasons") or {}).items():
             table.add_row(f"  {reason}", str(count))
         out.print(table)
-        for skip in (result.get("skipped_files") or [])[:10]:
-            out.print(f"  skipped {safe(skip['uri'])}: {safe(skip['reason'])}", highlight=False)
+        print_skips(result)
+
+
+def parse_options(pairs: list[str]) -> dict[str, str]:
+    """``-O key=value`` pairs as a dict; a pair without '=' is an error naming it."""
+    options: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise InvalidInputError(f"--option {pair!r} is not KEY=VALUE", field="options", hint="e.g. -O images=/data/coco/train2017")
+        options[key.strip()] = value
+    return options
+
+
+def print_skips(result: dict) -> None:
+    """The unreadable parts (shards) and files a registration or sync skipped, the first ten of each."""
+    for part in result.get("skipped_parts") or []:
+        out.print(f"  [red]skipped part[/red] {safe(part['part'])}: {safe(part['reason'])}", highlight=False)
+    for skip in (result.get("skipped_files") or [])[:10]:
+        out.print(f"  skipped {safe(skip['uri'])}: {safe(skip['reason'])}", highlight=False)
 
 
 def run_with_progress(ctx: Any, job: Any, label: str, *, quiet: bool = False) -> Any:
@@ -506,7 +532,6 @@ def experts_list(
     from nds.catalog.datasets import find_dataset, list_datasets
     from nds.catalog.experts import list_experts
     from nds.catalog.tables import ExpertKind, ExpertPublic
-    from nds_client.errors import InvalidInputError
 
     try:
         kind_value = ExpertKind(kind) if kind else None

@@ -19,10 +19,13 @@ class DatasetRegister(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=128, examples=["mnist-train"])
-    path: str = Field(min_length=1, max_length=4096, description="Folder or manifest, under NDS_DATA_ROOTS.")
-    source: str = Field(default="imagefolder", max_length=200, description="Source plugin: imagefolder, manifest, ...")
+    path: str = Field(min_length=1, max_length=4096,
+                      description="Folder, file, glob or brace pattern of shards, local or s3://, under NDS_DATA_ROOTS.")
+    source: str = Field(default="imagefolder", max_length=200, description="Source plugin: imagefolder, manifest, webdataset, parquet, coco, ...")
     description: str | None = Field(default=None, max_length=10_000)
     license: str | None = Field(default=None, max_length=1_000)
+    options: dict[str, str] = Field(default_factory=dict, max_length=32,
+                                    description="The source's options, e.g. {\"label_field\": \"class\"}; 'nds plugins list' names them.")
 
 
 class DatasetRegistered(DatasetPublic):

@@ -53,7 +53,22 @@ class CatalogContext:
 
     @cached_property
     def data_roots(self):  # noqa: ANN201 - list[Path]
+        """The local folders among the data roots (resolved)."""
         return self.settings.resolved_data_roots
+
+    @cached_property
+    def roots(self):  # noqa: ANN201 - DataRoots
+        """Every data root: local folders and object-storage prefixes."""
+        from nds.catalog.paths import DataRoots
+
+        return DataRoots(tuple(self.data_roots), tuple(self.settings.remote_data_roots))
+
+    @cached_property
+    def source_storage(self):  # noqa: ANN201 - RootedStorage
+        """The I/O layer for sources, every uri checked against the data roots."""
+        from nds.catalog.paths import RootedStorage
+
+        return RootedStorage(self.roots)
 
     def shown_uri(self, principal):  # noqa: ANN001, ANN201 - Principal -> Callable[[str], str]
         """How ``principal`` sees stored uris (nds.catalog.uris: relative paths for client keys)."""

@@ -15,9 +15,9 @@ import hashlib
 import logging
 import os
 from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from itertools import islice
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,17 +30,19 @@ from nds.catalog.context import CatalogContext
 from nds.catalog.datasets import check_name, purge_rows
 from nds.catalog.db import session_scope
 from nds.catalog.jobs import CPU, JobFailed, JobKind, JobReporter, create_job, datasets_with_live_jobs, register_job_kind
-from nds.catalog.paths import resolve_in_roots, within
+from nds.catalog.paths import DataRoots, within
 from nds.catalog.settings import Settings
 from nds.catalog.tables import Dataset, DatasetStatus, Job, Sample, utcnow
-from nds.plugins.contract import Source, SourceItem
-from nds_client.errors import ConflictError, InvalidInputError, PluginError, SourceError
+from nds.plugins.contract import SkippedPart, Source, SourceItem
+from nds_client import storage
+from nds_client.errors import ConflictError, InvalidInputError, NDSError, PluginError, ServiceUnavailableError, SourceError
 from nds_client.images import DEFAULT_MAX_IMAGE_PIXELS, TooManyPixels, open_image
 
 log = logging.getLogger(__name__)
 
 MAX_LISTED_SKIPS = 1000
 BATCH = 4096  # source items read, scanned and stored at a time
+BATCH_BYTES = 64 << 20  # ... or fewer, when the source streamed this many bytes of images with them
 HASH_CHUNK = 1 << 20  # a larger file is hashed in reads of this size, never held whole; a smaller one is read once
 DEFAULT_MAX_FILE_BYTES = Settings.model_fields["max_file_bytes"].default  # NDS_MAX_FILE_BYTES
 TOO_LARGE = "larger than NDS_MAX_FILE_BYTES"
@@ -54,6 +56,7 @@ class RegistrationRequest:
     source: str = "imagefolder"
     description: str | None = None
     license: str | None = None
+    options: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -67,30 +70,45 @@ class ScannedImage:
     sha256: str = ""
     skipped: str | None = None  # the reason, when the item is not a usable image
     detail: str | None = None   # this file's numbers for the reason (the reason itself is one per kind, for counting)
+    shard: str | None = None
+    offset: int | None = None
+    meta: Mapping[str, Any] | None = None
 
 
-def open_source(ctx: CatalogContext, source_name: str, path: Path) -> Source:
+def open_source(ctx: CatalogContext, source_name: str, location: str, options: Mapping[str, str] | None = None) -> Source:
+    """The source plugin ``source_name`` on ``location`` (already checked against the data roots), reading through the roots' storage."""
     try:
         source_cls = ctx.sources.get(source_name)
     except PluginError as exc:
         raise InvalidInputError(exc.message, field="source", hint=exc.hint) from exc
-    return source_cls(path)
+    options = dict(options or {})
+    known = getattr(source_cls, "options", {}) or {}
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        offered = ", ".join(f"{k} ({v})" for k, v in known.items()) or "none"
+        raise InvalidInputError(f"the {source_name} source takes no option {', '.join(unknown)}; its options: {offered}", field="options")
+    return source_cls(location, ctx.source_storage, **options)
 
 
-def prepare_registration(ctx: CatalogContext, request: RegistrationRequest) -> tuple[Path, int]:
-    """Check a request without storing anything; returns the resolved path and item count."""
+def count_source_parts(source: Source, shown: str) -> int:
+    """The number of the source's parts (files or shards), refusing an empty source."""
+    parts = source.count_parts() if hasattr(source, "count_parts") else len(source.parts())
+    if not parts:
+        raise SourceError(f"{shown} holds no files to register", field="path", hint="point at a folder, file, pattern or manifest with images")
+    return parts
+
+
+def prepare_registration(ctx: CatalogContext, request: RegistrationRequest) -> tuple[str, int]:
+    """Check a request without storing anything; returns the checked location and its number of parts."""
     check_name(request.name)
-    real = resolve_in_roots(request.path, ctx.data_roots, field="path")
-    source = open_source(ctx, request.source, real)
-    count = sum(1 for _ in source.items())
-    if count == 0:
-        raise SourceError(f"{request.path} holds no files to register", field="path", hint="point at a folder or manifest with images")
-    return real, count
+    location = ctx.roots.check_pattern(request.path, field="path")
+    source = open_source(ctx, request.source, location, request.options)
+    return location, count_source_parts(source, request.path)
 
 
 def start_registration(ctx: CatalogContext, request: RegistrationRequest) -> tuple[Dataset, Job]:
     """Validate, then store the dataset (status 'registering') and its job; the caller dispatches the job."""
-    real, count = prepare_registration(ctx, request)
+    location, count = prepare_registration(ctx, request)
     try:
         with session_scope(ctx.engine) as session:
             if session.exec(select(Dataset.id).where(Dataset.name == request.name)).first() is not None:
@@ -98,14 +116,15 @@ def start_registration(ctx: CatalogContext, request: RegistrationRequest) -> tup
             dataset = Dataset(
                 name=request.name,
                 source=request.source,
-                uri=str(real),
+                uri=location,
                 description=request.description,
                 license=request.license,
+                options=dict(request.options),
                 status=DatasetStatus.registering,
             )
             session.add(dataset)
             session.flush()
-            job = create_job(session, kind="register", dataset_id=dataset.id, params={"candidates": count})
+            job = create_job(session, kind="register", dataset_id=dataset.id, params={"parts": count})
     except IntegrityError as exc:  # a concurrent request won the race for the name
         raise ConflictError(f"a dataset named {request.name!r} already exists") from exc
     return dataset, job
@@ -114,69 +133,158 @@ def start_registration(ctx: CatalogContext, request: RegistrationRequest) -> tup
 def run_registration(ctx: CatalogContext, job: Job, report: JobReporter) -> dict[str, Any]:
     """The job: scan, decode and store every sample of the job's dataset.
 
-    Streams: the source is read, scanned and stored :data:`BATCH` items at a time, so a
-    manifest of millions of rows needs bounded memory, and each batch is committed so the
-    catalog is never locked for the whole scan. The dataset stays ``registering`` (not
-    ready for indexing or queries) until the last batch is in; if the job fails, or its
-    process dies, its rows are removed (by :func:`remove_partial_dataset`, the undo of its
-    job kind, or by the next process that starts), so a registration is either complete
-    or absent."""
+    The dataset stays ``registering`` (not ready for indexing or queries) until the last
+    batch is in; if the job fails, or its process dies, its rows are removed (by
+    :func:`remove_partial_dataset`, the undo of its job kind, or by the next process that
+    starts), so a registration is either complete or absent."""
     dataset_id = job.dataset_id
     with session_scope(ctx.engine) as session:
         dataset = session.get(Dataset, dataset_id)
         if dataset is None:
             raise JobFailed(f"dataset {dataset_id} no longer exists")
-        name, uri, source_name = dataset.name, dataset.uri, dataset.source
+        name, uri, source_name, options = dataset.name, dataset.uri, dataset.source, dict(dataset.options or {})
         session.exec(delete(Sample).where(Sample.dataset_id == dataset_id))  # a redelivered job starts clean
     report.step("scan", start=0.0, end=1.0)
-    total = max(int((job.params or {}).get("candidates") or 0), 1)
-    stored, seen = 0, 0
-    labels: set[str] = set()
-    reasons: Counter[str] = Counter()
-    listed: list[dict[str, str]] = []
-    items = open_source(ctx, source_name, Path(uri)).items()
-    with ThreadPoolExecutor(max_workers=max(ctx.settings.scan_workers, 1), thread_name_prefix="nds-scan") as pool:
-        while batch := list(islice(items, BATCH)):
-            scanned = scan_batch(pool, batch, seen, ctx.data_roots, max_file_bytes=ctx.settings.max_file_bytes,
-                                 max_pixels=ctx.settings.max_image_pixels)
-            seen += len(batch)
-            rows = []
-            for s in scanned:
-                if s.skipped is not None:
-                    reasons[s.skipped] += 1
-                    if len(listed) < MAX_LISTED_SKIPS:
-                        listed.append({"uri": s.uri, "reason": f"{s.skipped}: {s.detail}" if s.detail else s.skipped})
-                    continue
-                if s.label is not None:
-                    labels.add(s.label)
-                rows.append({"dataset_id": dataset_id, "position": stored + len(rows), "uri": s.uri, "label": s.label,
-                             "width": s.width, "height": s.height, "byte_size": s.byte_size, "sha256": s.sha256})
-            if rows:
-                with session_scope(ctx.engine) as session:
-                    session.execute(insert(Sample), rows)
-                stored += len(rows)
-            report.progress(min(seen / total, 1.0))
-    skipped = sum(reasons.values())
-    if stored == 0:
-        detail = ", ".join(f"{n} {r}" for r, n in reasons.most_common()) or "no files"
-        raise JobFailed(f"no readable images in {uri} ({detail})")
+    source = open_source(ctx, source_name, uri, options)
+    total = max(int((job.params or {}).get("parts") or (job.params or {}).get("candidates") or 0), 1)
+    scan = store_items(ctx, dataset_id, source.items(), first_position=0, total_parts=total, progress=report.progress)
+    if scan.stored == 0:
+        detail = ", ".join(f"{n} {r}" for r, n in scan.reasons.most_common()) or "no files"
+        bad = f"; {len(scan.skipped_parts)} unreadable part(s), e.g. {scan.skipped_parts[0]['part']}: {scan.skipped_parts[0]['reason']}" \
+            if scan.skipped_parts else ""
+        raise JobFailed(f"no readable images in {uri} ({detail}{bad})")
     with session_scope(ctx.engine) as session:
         dataset = session.get(Dataset, dataset_id)
-        dataset.num_samples = stored
-        dataset.num_labels = len(labels)
-        dataset.labels = sorted(labels)
-        dataset.skipped = skipped
+        dataset.num_samples = scan.stored
+        dataset.num_labels = len(scan.labels)
+        dataset.labels = sorted(scan.labels)
+        dataset.skipped = scan.skipped
         dataset.status = DatasetStatus.ready
         dataset.updated_at = utcnow()
-    return {
-        "dataset_id": dataset_id,
-        "name": name,
-        "num_samples": stored,
-        "num_labels": len(labels),
-        "skipped": skipped,
-        "skipped_reasons": dict(reasons),
-        "skipped_files": listed,
-    }
+    return {"dataset_id": dataset_id, "name": name, **scan.summary()}
+
+
+@dataclass
+class StoredScan:
+    """What :func:`store_items` stored and skipped."""
+
+    stored: int = 0
+    labels: set[str] = field(default_factory=set)
+    reasons: Counter[str] = field(default_factory=Counter)
+    listed: list[dict[str, str]] = field(default_factory=list)
+    skipped_parts: list[dict[str, str]] = field(default_factory=list)
+    sample_ids: list[int] = field(default_factory=list)  # when asked for: the ids of the stored samples, in order
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.reasons.values())
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "num_samples": self.stored,
+            "num_labels": len(self.labels),
+            "skipped": self.skipped,
+            "skipped_reasons": dict(self.reasons),
+            "skipped_files": self.listed,
+            "skipped_parts": self.skipped_parts,
+        }
+
+
+def _part_of(item: SourceItem) -> str:
+    return item.shard or item.uri
+
+
+def store_items(
+    ctx: CatalogContext, dataset_id: int, items: Iterator[SourceItem | SkippedPart], *, first_position: int, total_parts: int,
+    progress: Callable[[float], None] | None = None, keep_ids: bool = False,
+) -> StoredScan:
+    """Scan ``items`` and store the usable ones as samples of ``dataset_id`` from position ``first_position``.
+
+    Streams: items are read, scanned and stored a batch at a time (:data:`BATCH` items or
+    :data:`BATCH_BYTES` of streamed image bytes, whichever comes first), so a source of
+    millions of samples needs bounded memory, and each batch is committed so the catalog is
+    never locked for the whole scan. A part (shard) is stored only once it ended well: the
+    scanned rows of the part being read wait for its end, and a :class:`SkippedPart` drops
+    them, so a truncated shard leaves nothing behind, and the part is listed with its reason."""
+    out = StoredScan()
+    pending: list[dict[str, Any]] = []  # scanned rows of parts not yet known to be complete
+    current: str | None = None          # the part the last item belongs to
+    dropped: set[str] = set()           # parts given up (a SkippedPart arrived)
+    parts_done = 0
+
+    def flush(keep_last_part: bool) -> None:
+        nonlocal pending
+        if keep_last_part and current is not None:
+            ready = [r for r in pending if r["_part"] != current]
+            pending = [r for r in pending if r["_part"] == current]
+        else:
+            ready, pending = pending, []
+        if not ready:
+            return
+        rows = []
+        for r in ready:
+            r.pop("_part")
+            r["position"] = first_position + out.stored + len(rows)
+            if r["label"] is not None:
+                out.labels.add(r["label"])
+            rows.append(r)
+        with session_scope(ctx.engine) as session:
+            if keep_ids:
+                got = session.execute(insert(Sample).returning(Sample.id, Sample.position), rows).all()
+                out.sample_ids.extend(i for i, _ in sorted(got, key=lambda t: t[1]))
+            else:
+                session.execute(insert(Sample), rows)
+        out.stored += len(rows)
+
+    settings = ctx.settings
+    with ThreadPoolExecutor(max_workers=max(settings.scan_workers, 1), thread_name_prefix="nds-scan") as pool:
+        for batch in _batches(items):
+            entries = [e for e in batch if isinstance(e, SourceItem)]
+            scanned = iter(scan_batch(pool, entries, 0, ctx.roots, max_file_bytes=settings.max_file_bytes, max_pixels=settings.max_image_pixels))
+            for entry in batch:
+                if isinstance(entry, SkippedPart):
+                    dropped.add(entry.part)
+                    pending = [r for r in pending if r["_part"] != entry.part]
+                    if len(out.skipped_parts) < MAX_LISTED_SKIPS:
+                        out.skipped_parts.append({"part": entry.part, "reason": entry.reason})
+                    log.warning("skipped %s: %s", entry.part, entry.reason)
+                    if entry.part != current:
+                        parts_done += 1
+                    current = None
+                    continue
+                s = next(scanned)
+                part = _part_of(entry)
+                if part != current:
+                    current, parts_done = part, parts_done + 1
+                if part in dropped:
+                    continue
+                if s.skipped is not None:
+                    out.reasons[s.skipped] += 1
+                    if len(out.listed) < MAX_LISTED_SKIPS:
+                        out.listed.append({"uri": s.uri, "reason": f"{s.skipped}: {s.detail}" if s.detail else s.skipped})
+                    continue
+                pending.append({"_part": part, "dataset_id": dataset_id, "uri": s.uri, "label": s.label, "width": s.width,
+                                "height": s.height, "byte_size": s.byte_size, "sha256": s.sha256, "shard": s.shard,
+                                "offset": s.offset, "meta": dict(s.meta) if s.meta else None})
+            flush(keep_last_part=True)
+            if progress is not None:
+                progress(min(parts_done / max(total_parts, 1), 1.0))
+    flush(keep_last_part=False)
+    return out
+
+
+def _batches(items: Iterator[SourceItem | SkippedPart]) -> Iterator[list[SourceItem | SkippedPart]]:
+    batch: list[SourceItem | SkippedPart] = []
+    held = 0
+    for item in items:
+        batch.append(item)
+        if isinstance(item, SourceItem) and item.data is not None:
+            held += len(item.data)
+        if len(batch) >= BATCH or held >= BATCH_BYTES:
+            yield batch
+            batch, held = [], 0
+    if batch:
+        yield batch
 
 
 def remove_partial_dataset(ctx: CatalogContext, dataset_id: int | None) -> None:
@@ -207,7 +315,7 @@ def remove_interrupted_registrations(ctx: CatalogContext) -> list[str]:
     return names
 
 
-def scan_batch(pool: ThreadPoolExecutor, items: list[SourceItem], first: int, roots: list[Path], chunk: int = 64, *,
+def scan_batch(pool: ThreadPoolExecutor, items: list[SourceItem], first: int, roots: DataRoots | list[Path], chunk: int = 64, *,
                max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[ScannedImage]:
     """``scan_one`` over ``items`` (positions from ``first``), in order, ``chunk`` items per
     thread-pool task: a task per item costs more than the whole check of a missing file."""
@@ -218,20 +326,26 @@ def scan_batch(pool: ThreadPoolExecutor, items: list[SourceItem], first: int, ro
     return [s for part in pool.map(run, range(0, len(items), chunk)) for s in part]
 
 
-def scan_one(position: int, item: SourceItem, roots: list[Path], *,
+def scan_one(position: int, item: SourceItem, roots: DataRoots | list[Path], *,
              max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> ScannedImage:
     """Check, decode and hash one item, in bounded memory: the file's size is checked
     before any byte is read (``max_file_bytes``), its header before any pixel is decoded
     (``max_pixels``); a file up to :data:`HASH_CHUNK` is read once, a larger one is decoded
     from the file and hashed in :data:`HASH_CHUNK` reads, never held whole (JPEGs decode at
-    1/8 scale: enough to find a truncated or corrupt one)."""
+    1/8 scale: enough to find a truncated or corrupt one). Items inside containers, with
+    their bytes or not, and object-storage files go through :func:`_scan_remote_or_member`."""
+    if not isinstance(roots, DataRoots):
+        roots = DataRoots(tuple(roots))
+    if item.data is not None or item.shard is not None or storage.is_remote(item.uri):
+        return _scan_remote_or_member(position, item, roots, max_file_bytes=max_file_bytes, max_pixels=max_pixels)
+    local_roots = list(roots.local)
     shown = os.fsdecode(item.path).encode("utf-8", "backslashreplace").decode("utf-8")
     base = ScannedImage(position=position, uri=shown, label=item.label)
     try:
         real = item.path.resolve(strict=True)
     except (OSError, RuntimeError):
         return _skip(base, "missing or unresolvable")
-    if not within(real, roots):
+    if not within(real, local_roots):
         return _skip(base, "outside the data roots")
     try:
         str(real).encode("utf-8")
@@ -287,6 +401,47 @@ def scan_one(position: int, item: SourceItem, roots: list[Path], *,
     )
 
 
+def _scan_remote_or_member(position: int, item: SourceItem, roots: DataRoots, *, max_file_bytes: int, max_pixels: int) -> ScannedImage:
+    """An object-storage file, or a sample inside a container (tar member, Parquet row):
+    its bytes come with the item (streamed by the source) or are read with one request."""
+    shown = item.uri.encode("utf-8", "backslashreplace").decode("utf-8")
+    base = ScannedImage(position=position, uri=shown, label=item.label, shard=item.shard, offset=item.offset, meta=item.meta)
+    container = item.shard or item.uri
+    if not roots.contains(container if storage.is_remote(container) else str(storage.local_path(container).resolve())):
+        return _skip(base, "outside the data roots")
+    data = item.data
+    if data is None:
+        try:
+            if item.size is not None and item.size > max_file_bytes:
+                return _skip(base, TOO_LARGE, f"{item.size:,} > {max_file_bytes:,} bytes")
+            location = storage.Location(item.uri, item.shard, item.offset, item.size)
+            data = storage.read_location(location) if item.shard else storage.read_bytes(item.uri, limit=max_file_bytes)
+        except ServiceUnavailableError:
+            raise  # the store is down: the job fails with the reason (and is retried), nothing half-written stays
+        except NDSError as exc:
+            if "more than" in exc.message:
+                return _skip(base, TOO_LARGE, exc.message.rsplit(": ", 1)[-1])
+            return _skip(base, "unreadable")
+    if not data:
+        return _skip(base, "empty file")
+    if len(data) > max_file_bytes:
+        return _skip(base, TOO_LARGE, f"{len(data):,} > {max_file_bytes:,} bytes")
+    try:
+        with open_image(bytes(data), max_pixels) as im:
+            width, height = im.size
+            im.draft(None, (max(width // 8, 1), max(height // 8, 1)))
+            im.load()
+    except TooManyPixels as exc:
+        return _skip(base, TOO_MANY_PIXELS, f"{exc.size[0]}x{exc.size[1]} = {exc.pixels:,} > {max_pixels:,}"
+                     if exc.size else f"{exc.pixels:,} > {max_pixels:,}")
+    except UnidentifiedImageError:
+        return _skip(base, "not an image")
+    except (OSError, ValueError, SyntaxError, EOFError):
+        return _skip(base, "corrupt image")
+    return ScannedImage(position=position, uri=item.uri, label=item.label, width=width, height=height, byte_size=len(data),
+                        sha256=hashlib.sha256(data).hexdigest(), shard=item.shard, offset=item.offset, meta=item.meta)
+
+
 def _sha256(fh: Any, limit: int) -> tuple[str, int] | None:
     """sha256 and length of the rest of ``fh``, read in :data:`HASH_CHUNK` pieces; None past ``limit`` bytes."""
     digest, total = hashlib.sha256(), 0
@@ -302,4 +457,4 @@ def _sha256(fh: Any, limit: int) -> tuple[str, int] | None:
 
 def _skip(base: ScannedImage, reason: str, detail: str | None = None) -> ScannedImage:
     label = base.label.encode("utf-8", "backslashreplace").decode("utf-8") if base.label else None
-    return ScannedImage(position=base.position, uri=base.uri, label=label, skipped=reason, detail=detail)
+    return ScannedImage(position=base.position, uri=base.uri, label=label, skipped=reason, detail=detail, shard=base.shard, offset=base.offset)

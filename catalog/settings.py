@@ -22,9 +22,10 @@ class Settings(BaseSettings):
     qdrant_api_key: str | None = Field(default=None, description="API key for the Qdrant server.")
     broker_url: str | None = Field(default=None, description="Celery broker (redis://...); unset: jobs run in-process.")
     artifacts_dir: Path | None = Field(default=None, description="Where experts and backbones are stored; unset: NDS_HOME/artifacts.")
-    data_roots: Annotated[list[Path], NoDecode] = Field(
+    data_roots: Annotated[list[Path | str], NoDecode] = Field(
         default_factory=lambda: [Path.cwd()],
-        description="Folders that registered sources must live under (comma- or os.pathsep-separated).",
+        description="Folders and object-storage prefixes (s3://bucket/prefix) that registered sources must live under "
+                    "(comma-separated; folders also os.pathsep-separated).",
     )
     broker_visibility_timeout: int = Field(
         default=6 * 3600,
@@ -76,8 +77,12 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             import os
 
-            parts = [p for chunk in value.split(",") for p in chunk.split(os.pathsep)]
-            return [Path(p.strip()) for p in parts if p.strip()]
+            parts = [p for chunk in value.split(",") for p in ([chunk] if "://" in chunk else chunk.split(os.pathsep))]
+            value = [p.strip() for p in parts if p.strip()]
+        if isinstance(value, list | tuple):
+            from nds_client.storage import is_remote, normalize
+
+            return [normalize(str(p)) if is_remote(str(p)) else Path(p) for p in value]
         return value
 
     @field_validator("public_uris", mode="before")
@@ -140,7 +145,13 @@ class Settings(BaseSettings):
 
     @property
     def resolved_data_roots(self) -> list[Path]:
-        return [p.expanduser().resolve() for p in self.data_roots]
+        """The local folders among the data roots, resolved."""
+        return [Path(p).expanduser().resolve() for p in self.data_roots if isinstance(p, Path)]
+
+    @property
+    def remote_data_roots(self) -> list[str]:
+        """The object-storage prefixes among the data roots (``s3://bucket/prefix``, no trailing slash)."""
+        return [p for p in self.data_roots if isinstance(p, str)]
 
     @property
     def resolved_public_uris(self) -> dict[Path, str]:

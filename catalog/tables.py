@@ -55,9 +55,11 @@ class ExpertKind(str, enum.Enum):
 class DatasetBase(SQLModel):
     name: str = Field(index=True, unique=True, max_length=128)
     source: str = Field(max_length=64, description="Source plugin name (imagefolder, manifest, ...).")
-    uri: str = Field(description="Where the source lives: a folder or a manifest file.")
+    uri: str = Field(description="Where the source lives: a folder, a file, a pattern of shards, or an object-storage uri.")
     description: str | None = None
     license: str | None = None
+    options: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False, server_default="{}"),
+                                    description="The source's options (label_field, image_column, images, ...).")
 
 
 class Dataset(DatasetBase, table=True):
@@ -105,12 +107,18 @@ class SampleBase(SQLModel):
     height: int
     byte_size: int
     sha256: str = Field(max_length=64)
+    shard: str | None = Field(default=None, description="The container (tar shard, Parquet file) the sample is in; None for a file.")
+    offset: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True),
+                               description="Tar member: byte offset of its data in the shard (byte_size long); Parquet: the row's number.")
+    meta: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True),
+                                        description="What the source knows besides the label (url, caption, key; categories).")
 
 
 class Sample(SampleBase, table=True):
     __tablename__ = "samples"
     __table_args__ = (
         UniqueConstraint("dataset_id", "position", name="uq_samples_dataset_position"),
+        Index("ix_samples_dataset_shard", "dataset_id", "shard"),
         NEVER_REUSED,
     )
     id: int | None = Field(default=None, sa_column=Column(BigId, primary_key=True, autoincrement=True))

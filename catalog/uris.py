@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
 from nds.catalog.access import Principal
+from nds_client.storage import is_remote
 
 
 def _relative(uri: str, roots: Sequence[Path]) -> tuple[Path, str] | None:
@@ -33,7 +34,10 @@ def _relative(uri: str, roots: Sequence[Path]) -> tuple[Path, str] | None:
 
 def client_uri(uri: str, roots: Sequence[Path], public: Mapping[Path, str]) -> str:
     """``uri`` as a client key sees it (see the module docstring); a uri under no data root
-    (never stored by registration) shows only its file name."""
+    (never stored by registration) shows only its file name. Object-storage uris are
+    addresses a loader opens with its own credentials: they are shown as they are."""
+    if is_remote(uri):
+        return uri
     found = _relative(uri, roots)
     if found is None:
         return PurePosixPath(uri).name

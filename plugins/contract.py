@@ -16,12 +16,16 @@ A plugin is an object registered under an entry-point group of its distribution'
     tsv = "my_package.exporters:TsvExporter"
 
 **Sources** (``nds datasets add --source NAME``): a :class:`Source` is built from the
-user's path, already resolved and checked by the catalog to lie inside the data roots, and
-enumerates :class:`SourceItem` s (an absolute file path, an optional label) without reading
-the images: the catalog reads, hashes and decodes them. Enumeration is cheap and
-deterministic, as it runs once to validate a request and again in the job. Structural
-problems (missing folder, missing columns, a malformed row) raise :class:`SourceError`
-naming the field and, for manifests, the line.
+user's location (a path, an ``s3://`` uri or a pattern, already normalised and checked by
+the catalog to lie inside the data roots), its options and a :class:`SourceEnv` through
+which it reads everything (local files and object storage alike, never outside the data
+roots). It enumerates :class:`SourceItem` s (a uri, an optional label; for samples inside
+a tar shard or a Parquet file the container, the offset and usually the bytes it streamed)
+in a deterministic order: the catalog hashes and decodes them. ``parts()`` lists the files
+or shards without reading them (``nds datasets sync`` compares them with what is
+registered). Structural problems of the whole source (missing folder, missing columns, a
+malformed row) raise :class:`SourceError` naming the field and, for manifests, the line; a
+part that cannot be read (a truncated shard) is a :class:`SkippedPart`, and the rest registers.
 
 **Backbones** (``nds index --backbone NAME[:ARG]``: ``default``, ``torchvision:resnet18``,
 ``onnx:/models/encoder.onnx``): ``load(arg, env)`` gets the text after the colon (or None)
@@ -35,34 +39,39 @@ normalises its inputs with :func:`to_nchw` (``(x / 255 - mean) / std``, ImageNet
 opened; a problem with the request or the model raises :class:`PluginError`.
 
 **Exporters** (``GET /v1/queries/{id}/manifest?format=NAME``): an :class:`Exporter` turns
-chunks of manifest rows (:data:`Row`, dicts with the keys :data:`MANIFEST_COLUMNS`) into
-bytes, chunk by chunk, so a manifest of any size streams with bounded memory.
+chunks of manifest rows (:data:`Row`, dicts with the keys :data:`MANIFEST_COLUMNS`, plus
+``meta``, the sample's metadata) into bytes, chunk by chunk, so a manifest of any size
+streams with bounded memory. One that sets ``needs_images`` gets ``read_image(row)``.
 """
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import IO, Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
-from nds_client.errors import ArtifactError, InvalidInputError, PluginError, SourceError
-from nds_client.files import sha256_file  # the one file hash: a backbone's version, an artifact's digest
+from nds_client.errors import ArtifactError, InvalidInputError, PluginError, SourceError, StorageError, StorageUnavailable
+from nds_client.files import sha256_file
+from nds_client.images import IMAGE_SUFFIXES  # the one file hash: a backbone's version, an artifact's digest
 from nds_client.manifests import MANIFEST_COLUMNS, Row
 from nds_client.preprocessing import IMAGENET_MEAN, IMAGENET_STD, normalize_rows, to_nchw
+from nds_client.storage import Location, image_value_bytes, parquet_row_uri, read_location
 
 __all__ = [
     # sources
-    "Source", "SourceItem",
+    "Source", "SourceItem", "SkippedPart", "SourceEnv", "parquet_row_uri", "image_value_bytes", "IMAGE_SUFFIXES",
     # backbones
     "Backbone", "BackboneEnv", "ArtifactAccess", "IMAGENET_MEAN", "IMAGENET_STD", "to_nchw", "normalize_rows", "sha256_file",
     # exporters
-    "Exporter", "Row", "MANIFEST_COLUMNS",
+    "Exporter", "Row", "MANIFEST_COLUMNS", "ImageReader", "Location", "read_location",
     # errors
-    "PluginError", "SourceError", "InvalidInputError", "ArtifactError",
+    "PluginError", "SourceError", "InvalidInputError", "ArtifactError", "StorageError", "StorageUnavailable",
 ]
 
 
@@ -71,23 +80,105 @@ __all__ = [
 
 @dataclass(frozen=True)
 class SourceItem:
-    path: Path          # absolute, not yet resolved through symlinks
+    """One candidate sample.
+
+    ``uri`` is where the sample is: a file (a local path or an object-storage uri), or, for
+    a sample inside a container, an address naming it (``SHARD#MEMBER`` for a tar member,
+    :func:`parquet_row_uri` for a Parquet row). A container's samples also give ``shard`` (the
+    container's uri) and ``offset`` (a tar member's data offset, a Parquet row's number),
+    and usually ``data``, the bytes the source read while streaming the container (so the
+    catalog need not read them again); ``size`` is the member's length. ``meta`` is kept
+    with the sample (img2dataset's url, caption and key; COCO's categories)."""
+
+    uri: str
     label: str | None
-    origin: str         # where it came from, for messages: a relative path or "line 12"
+    origin: str                     # where it came from, for messages: a relative path, "line 12", "000.tar: k.png"
+    data: bytes | None = None
+    shard: str | None = None
+    offset: int | None = None
+    size: int | None = None
+    meta: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.uri, str):  # a Path from an older plugin
+            object.__setattr__(self, "uri", os.fspath(self.uri))
+
+    @property
+    def path(self) -> Path:
+        """The local file of a plain local sample."""
+        return Path(self.uri)
+
+
+@dataclass(frozen=True)
+class SkippedPart:
+    """A part of a source (a shard, a file) that cannot be read as a whole: nothing of it is
+    registered, and the registration lists it with ``reason``. A source yields it in place
+    of the part's items (or after some of them: those are dropped)."""
+
+    part: str
+    reason: str
+
+
+class SourceEnv(Protocol):
+    """How a source reads its data: through the catalog, which refuses anything outside the
+    data roots (``NDS_DATA_ROOTS``: folders and object-storage prefixes). Each call takes
+    and returns uris (absolute local paths or ``s3://...``) and raises :class:`SourceError`
+    (or ``StorageUnavailable``) with the uri in the message."""
+
+    def expand(self, pattern: str) -> list[str]:
+        """The files a path, folder-less glob or brace pattern names, sorted (a missing named file is an error)."""
+
+    def list_files(self, folder: str) -> list[str]:
+        """Every file under ``folder``, recursively, sorted; hidden names left out."""
+
+    def is_dir(self, uri: str) -> bool: ...
+
+    def exists(self, uri: str) -> bool: ...
+
+    def open(self, uri: str) -> AbstractContextManager[IO[bytes]]:
+        """A binary file, read front to back (object storage: a few large sequential reads)."""
+
+    def read_bytes(self, uri: str) -> bytes: ...
+
+    def check(self, uri: str) -> str:
+        """``uri`` normalised, after checking it lies inside the data roots (no read)."""
 
 
 class Source(ABC):
-    """One registered source: built from the user's (checked) path, yields items in a stable order."""
+    """One registered source: built from the user's location (a checked path, uri or
+    pattern), its options (``--label-field``, ``-O key=value``) and a :class:`SourceEnv`;
+    yields items in a stable order.
+
+    ``parts()`` lists the units it is made of (files, shards) without reading them, and
+    ``items(parts)`` reads only those: what ``nds datasets sync`` uses to register what was
+    added since. A source made of one unit (a manifest) returns it alone."""
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+    #: option name -> what it means; the catalog refuses any other name (field ``options``)
+    options: ClassVar[dict[str, str]] = {}
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, location: str, env: SourceEnv, **options: str) -> None:
+        self.location = location
+        self.env = env
+        self.opts = options
+
+    @property
+    def path(self) -> Path:
+        return Path(self.location)
+
+    def parts(self) -> list[str]:
+        return [self.location]
+
+    def count_parts(self) -> int:
+        """How many parts there are: what a registration checks (non-zero) before it stores
+        anything. Override when counting is cheaper than listing (a manifest of 10^6 rows)."""
+        return len(self.parts())
 
     @abstractmethod
-    def items(self) -> Iterator[SourceItem]:
-        """Every candidate sample, in a stable order; raises SourceError on structural problems."""
+    def items(self, parts: Sequence[str] | None = None) -> Iterator[SourceItem | SkippedPart]:
+        """Every candidate sample of ``parts`` (all when None), in a stable order; raises
+        SourceError on structural problems of the whole source, yields SkippedPart for a bad part."""
 
 
 # --------------------------------------------------------------------------- backbones
@@ -152,11 +243,17 @@ class Backbone(ABC):
 # --------------------------------------------------------------------------- exporters
 
 
+#: the image bytes of a manifest row, read by the catalog from wherever the sample lives
+ImageReader = Callable[[Row], bytes]
+
+
 class Exporter(ABC):
     name: ClassVar[str]
     media_type: ClassVar[str]
     suffix: ClassVar[str]
+    #: an exporter that writes the images themselves (webdataset) gets ``read_image``
+    needs_images: ClassVar[bool] = False
 
     @abstractmethod
-    def stream(self, chunks: Iterable[list[Row]]) -> Iterator[bytes]:
+    def stream(self, chunks: Iterable[list[Row]], *, read_image: ImageReader | None = None) -> Iterator[bytes]:
         """Bytes of the file, produced chunk by chunk."""

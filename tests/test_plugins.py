@@ -105,13 +105,15 @@ def test_the_contract_is_what_a_plugin_imports(tmp_path):
     import nds_client.files as files
     import nds_client.manifests as manifests
     import nds_client.preprocessing as preprocessing
+    import nds_client.storage as storage
     from nds.catalog.artifacts import ArtifactStore
     from nds.plugins import contract
 
     assert sorted(contract.__all__) == sorted(
         ["Source", "SourceItem", "Backbone", "BackboneEnv", "ArtifactAccess", "IMAGENET_MEAN", "IMAGENET_STD", "to_nchw",
          "normalize_rows", "sha256_file", "Exporter", "Row", "MANIFEST_COLUMNS", "PluginError", "SourceError",
-         "InvalidInputError", "ArtifactError"])
+         "InvalidInputError", "ArtifactError", "SkippedPart", "SourceEnv", "parquet_row_uri", "image_value_bytes", "IMAGE_SUFFIXES",
+         "ImageReader", "Location", "read_location", "StorageError", "StorageUnavailable"])
     assert all(hasattr(contract, name) for name in contract.__all__)
     # re-exported, never redefined
     assert contract.MANIFEST_COLUMNS is manifests.MANIFEST_COLUMNS
@@ -119,6 +121,7 @@ def test_the_contract_is_what_a_plugin_imports(tmp_path):
     assert (contract.IMAGENET_MEAN, contract.IMAGENET_STD) == (preprocessing.IMAGENET_MEAN, preprocessing.IMAGENET_STD)
     assert contract.sha256_file is files.sha256_file
     assert contract.PluginError is errors.PluginError and contract.SourceError is errors.SourceError
+    assert contract.StorageError is errors.StorageError and contract.read_location is storage.read_location
     # the catalog's store is what a backbone is handed, through the protocol only
     assert isinstance(ArtifactStore(tmp_path), contract.ArtifactAccess)
     assert not hasattr(contract.Backbone, "collection")  # the catalog names collections

@@ -62,7 +62,7 @@ def test_manifest_csv_and_jsonl(ctx, data_root):
         ("uri,label\nimgs/a/0.png,a,extra\n", ".csv", "path", "line 2"),
         ("uri,label\n,a\n", ".csv", "uri", "line 2: empty or missing 'uri'"),
         ('{"uri": "imgs/a/0.png"}\n{not json}\n', ".jsonl", "path", "line 2: invalid JSON"),
-        ('{"uri": "http://example.com/x.png"}\n', ".jsonl", "uri", "only local files"),
+        ('{"uri": "http://example.com/x.png"}\n', ".jsonl", "uri", "web urls cannot be registered"),
         ("uri\n", ".txt", "path", "unknown manifest format"),
     ],
 )

@@ -5,13 +5,15 @@
     +-- ConflictError          the request clashes with what is stored (duplicate name, busy dataset)
     +-- GoneError              it existed, and what it depends on is gone (a query's deleted dataset)
     +-- InvalidInputError      bad input; carries the name of the offending field
-    +-- SourceError            a dataset source cannot be read (missing path, bad manifest)
+    |   +-- SourceError            a dataset source cannot be read (missing path, bad manifest, corrupt shard)
+    |   +-- StorageError           a uri cannot be read (missing, unreadable, unknown scheme)
     +-- PluginError            an unknown or broken plugin name
     +-- VectorStoreError       the vector store failed; third-party errors are translated here
     |   +-- VectorStoreBusyError   the embedded store is locked by another process
     +-- ArtifactError          an artifact could not be written or read
     |   +-- StorageFullError       the artifact store's disk (or quota) is full: retry later
     +-- ServiceUnavailableError  a backing service (broker, database) cannot be reached
+    |   +-- StorageUnavailable     the object store does not answer or refuses the credentials
     +-- AuthenticationError    no API key, or one that is unknown or revoked
     +-- PermissionDeniedError  a valid key whose role may not do this
     +-- NDSClientError         anything the client SDK reports (:mod:`nds_client.client`)
@@ -66,6 +68,13 @@ class SourceError(InvalidInputError):
     """A dataset source (folder, manifest) that cannot be registered."""
 
 
+class StorageError(InvalidInputError):
+    """A uri that cannot be read: missing, unreadable, or of a scheme no installed filesystem serves."""
+
+    def __init__(self, message: str, *, field: str = "path", hint: str | None = None) -> None:
+        super().__init__(message, field=field, hint=hint)
+
+
 class PluginError(NDSError):
     pass
 
@@ -91,6 +100,10 @@ class StorageFullError(ArtifactError):
 
 class ServiceUnavailableError(NDSError):
     pass
+
+
+class StorageUnavailable(ServiceUnavailableError):
+    """The object store did not answer, or refused the credentials: nothing was read or stored."""
 
 
 class AuthenticationError(NDSError):

@@ -28,6 +28,9 @@ from PIL import Image, UnidentifiedImageError
 
 ImageSource = str | os.PathLike | bytes
 
+#: file suffixes taken for images (a folder's files, a tar shard's members)
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+
 DEFAULT_MAX_IMAGE_PIXELS = 1 << 26  # 67,108,864 (8192 x 8192): the default of NDS_MAX_IMAGE_PIXELS
 LARGE_IMAGE_PIXELS = 1 << 24  # above 16.8 Mpx an image is decoded reduced (smaller ones: exactly as always)
 
@@ -157,7 +160,7 @@ def load_images(
 
 def list_image_files(folder: Path) -> list[Path]:
     """Image-looking files under ``folder`` (recursively), sorted; hidden entries skipped."""
-    suffixes = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+    suffixes = IMAGE_SUFFIXES
     return sorted(
         p for p in folder.rglob("*")
         if p.is_file() and p.suffix.lower() in suffixes and not any(part.startswith(".") for part in p.relative_to(folder).parts)

@@ -1,45 +1,39 @@
-"""``imagefolder``: PATH/<label>/<image>, the layout torchvision's ImageFolder reads.
+"""``imagefolder``: PATH/<label>/<image>, the layout torchvision's ImageFolder reads, local or in object storage.
 
 Files directly under PATH get no label. Hidden files and folders are ignored; files whose
 suffix is not an image suffix are still yielded so the catalog can count them as skipped.
+Its parts are its files: ``nds datasets sync`` registers the files added since and drops
+the ones removed.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Iterator, Sequence
 
 from nds.plugins.contract import Source, SourceError, SourceItem
 
 
 class ImageFolderSource(Source):
     name = "imagefolder"
-    description = "a folder with one sub-folder per label: PATH/<label>/<image>"
+    description = "a folder (local or s3://) with one sub-folder per label: PATH/<label>/<image>"
 
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
-        if not path.is_dir():
-            raise SourceError(f"{path} is not a folder", field="path", hint="imagefolder sources are folders of PATH/<label>/<image>")
+    def __init__(self, location: str, env, **options: str) -> None:  # noqa: ANN001 - SourceEnv
+        super().__init__(location, env, **options)
+        if not env.is_dir(location):
+            raise SourceError(f"{location} is not a folder", field="path", hint="imagefolder sources are folders of PATH/<label>/<image>")
+        self._files: list[str] | None = None
 
-    def items(self) -> Iterator[SourceItem]:
-        try:
-            entries = [e for e in os.scandir(self.path) if not e.name.startswith(".")]
-        except OSError as exc:
-            raise SourceError(f"cannot read {self.path}: {exc.strerror}", field="path") from exc
-        for entry in sorted(entries, key=lambda e: e.name):
-            if entry.is_dir():
-                yield from self._walk(Path(entry.path), label=entry.name, rel=entry.name)
-            elif entry.is_file():
-                yield SourceItem(Path(entry.path), None, entry.name)
+    def parts(self) -> list[str]:
+        if self._files is None:
+            self._files = self.env.list_files(self.location)
+        return list(self._files)
 
-    def _walk(self, folder: Path, *, label: str, rel: str) -> Iterator[SourceItem]:
-        try:
-            entries = sorted((e for e in os.scandir(folder) if not e.name.startswith(".")), key=lambda e: e.name)
-        except OSError as exc:
-            raise SourceError(f"cannot read {folder}: {exc.strerror}", field="path") from exc
-        for entry in entries:
-            if entry.is_dir():
-                yield from self._walk(Path(entry.path), label=label, rel=f"{rel}/{entry.name}")
-            else:
-                yield SourceItem(Path(entry.path), label, f"{rel}/{entry.name}")
+    def items(self, parts: Sequence[str] | None = None) -> Iterator[SourceItem]:
+        base = self.location.rstrip("/") + "/"
+        wanted = set(parts) if parts is not None else None
+        for uri in self.parts():
+            if wanted is not None and uri not in wanted:
+                continue
+            rel = uri[len(base):] if uri.startswith(base) else uri.rsplit("/", 1)[-1]
+            label, sep, _ = rel.partition("/")
+            yield SourceItem(uri, label if sep else None, rel)
