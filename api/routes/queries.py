@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Annotated
 
 from fastapi import APIRouter, status
@@ -10,7 +11,7 @@ from fastapi.responses import StreamingResponse
 
 from nds.api.deps import CtxDep, LimitDep, OffsetDep, PrincipalDep, SessionDep
 from nds.api.schemas import QueryBody, QueryPublic, SearchBody, SearchResult
-from nds.catalog.retrieval.manifest import iter_manifest
+from nds.catalog.retrieval.manifest import ImageReader, iter_manifest
 from nds.catalog.retrieval.queries import get_query, run_query
 from nds.catalog.retrieval.request import QueryRequest
 from nds.catalog.retrieval.search import search
@@ -49,24 +50,23 @@ def query_manifest(
     session: SessionDep,
     ctx: CtxDep,
     principal: PrincipalDep,
-    format: Annotated[str, Q(max_length=100, description="csv, jsonl, parquet or another installed exporter.")] = "csv",
+    format: Annotated[str, Q(max_length=100, description="csv, jsonl, parquet, webdataset, img2dataset or another installed exporter.")] = "csv",
+    offset: Annotated[int, Q(ge=0, description="The first row (e.g. shard i of size n: offset i*n, limit n).")] = 0,
+    limit: Annotated[int | None, Q(ge=1, description="At most this many rows (unset: all).")] = None,
 ) -> StreamingResponse:
-    """The manifest, streamed: columns key, uri, label, dataset, cluster, weight, count."""
+    """The manifest, streamed: columns key, uri, label, dataset, cluster, weight, count, shard, offset, size;
+    or, with an exporter that writes images (webdataset), the selected images themselves."""
     try:
         exporter = ctx.exporters.get(format, allow_path=False)()
     except PluginError as exc:
         raise InvalidInputError(exc.message, field="format", hint=exc.hint) from exc
     query = get_query(session=session, query_id=query_id, principal=principal)
-    chunks = iter_manifest(ctx, query, principal=principal)
+    chunks = iter_manifest(ctx, query, principal=principal, offset=offset, limit=limit)
     first = next(chunks, [])  # fail before the response starts if the index version is gone
-
-    def rows():
-        yield [r.as_dict() for r in first]
-        for chunk in chunks:
-            yield [r.as_dict() for r in chunk]
-
+    reader = ImageReader(itertools.chain([first], chunks))
+    stream = exporter.stream(reader.rows(), read_image=reader) if exporter.needs_images else exporter.stream(reader.rows())
     return StreamingResponse(
-        exporter.stream(rows()),
+        stream,
         media_type=exporter.media_type,
         headers={"Content-Disposition": f'attachment; filename="manifest-{query.id}{exporter.suffix}"'},
     )

@@ -17,8 +17,9 @@ from nds.catalog.access import LOCAL, Principal
 from nds.catalog.context import CatalogContext
 from nds.catalog.retrieval.picks import open_picks
 from nds.catalog.tables import Assignment, Dataset, Group, Query, Sample
-from nds_client.errors import GoneError
+from nds_client.errors import GoneError, NotFoundError
 from nds_client.manifests import MANIFEST_COLUMNS
+from nds_client.storage import Location, read_location
 
 
 class ManifestRow(NamedTuple):
@@ -29,9 +30,39 @@ class ManifestRow(NamedTuple):
     cluster: int
     weight: float
     count: int  # type: ignore[assignment]  # a field named count shadows tuple.count; renaming it would change the manifest API
+    shard: str | None = None
+    offset: int | None = None
+    size: int | None = None
+    # not columns: the sample's metadata (exporters may write it) and its stored location (for read_image)
+    meta: dict[str, Any] | None = None
+    location: Location | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(zip(MANIFEST_COLUMNS, self))
+        """The row as exporters and the API see it: MANIFEST_COLUMNS, and ``meta``."""
+        return {**dict(zip(MANIFEST_COLUMNS, self)), "meta": self.meta}
+
+
+class ImageReader:
+    """``read_image(row)`` for exporters that write the images (``needs_images``): the rows of
+    the last chunks remember where their samples are stored (uris as stored, whatever view
+    the caller has), so the bytes are read from there with the I/O layer."""
+
+    def __init__(self, chunks: Iterator[list[ManifestRow]], keep: int = 2) -> None:
+        self._chunks = chunks
+        self._keep = keep
+        self._recent: list[dict[str, Location]] = []
+
+    def rows(self) -> Iterator[list[dict[str, Any]]]:
+        for chunk in self._chunks:
+            self._recent = [*self._recent[-(self._keep - 1):], {r.key: r.location for r in chunk if r.location is not None}]
+            yield [r.as_dict() for r in chunk]
+
+    def __call__(self, row: dict[str, Any]) -> bytes:
+        for known in reversed(self._recent):
+            location = known.get(row["key"])
+            if location is not None:
+                return read_location(location)
+        raise NotFoundError(f"{row['key']} is not among the rows being exported")
 
 
 def iter_manifest(
@@ -58,7 +89,7 @@ def iter_manifest(
         stop = total if limit is None else min(total, offset + limit)
         for start in range(offset, stop, chunk):
             picks = read(start, min(start + chunk, stop))
-            found: dict[tuple[int, int], tuple[int, str, str | None]] = {}  # (group, rank) -> (sample id, uri, label)
+            found: dict[tuple[int, int], tuple[Any, ...]] = {}  # (group, rank) -> (sample id, uri, label, shard, offset, size, meta)
             scattered: dict[int, list[tuple[int, list[int]]]] = {}          # dataset -> [(group, ranks)]
             lookups = []                                                     # the SQL selects resolving this chunk
             bounds = np.flatnonzero(np.diff(picks.group)) + 1  # picks are sorted by group
@@ -83,21 +114,25 @@ def iter_manifest(
                 if unlabelled:
                     lookups.append(_ASSIGNED.where(*in_version, col(Assignment.label).is_(None), tuple_(Assignment.cluster, Assignment.rank).in_(unlabelled)))
             for lookup in lookups:
-                for d, cluster, label, rank, sid, uri, slabel in session.execute(lookup).all():  # what exec runs for a Select
-                    assert sid is not None  # a primary key read back from the table
-                    found[(group_of[(d, cluster, label)], rank)] = (sid, uri, slabel)
+                for d, cluster, label, rank, *sample in session.execute(lookup).all():  # what exec runs for a Select
+                    found[(group_of[(d, cluster, label)], rank)] = tuple(sample)
             rows: list[ManifestRow] = []
             for g, rank, count in zip(picks.group.tolist(), picks.rank.tolist(), picks.count.tolist()):
                 hit = found.get((g, rank))
                 if hit is not None:
                     name = names[int(table.dataset_id[g])]
-                    rows.append(ManifestRow(f"{name}/{hit[0]}", show(hit[1]), hit[2], name, int(table.cluster[g]), float(weights[g]), count))
+                    sid, uri, slabel, shard, at, size, meta = hit
+                    inside = shard is not None
+                    rows.append(ManifestRow(f"{name}/{sid}", show(uri), slabel, name, int(table.cluster[g]), float(weights[g]), count,
+                                            show(shard) if inside else None, at if inside else None, size if inside else None,
+                                            meta, Location(uri, shard, at, size)))
             yield rows
 
 
 # SQLAlchemy's select: sqlmodel's select() and Session.exec() are typed for at most four columns
 _ASSIGNED = sa_select(
     col(Assignment.dataset_id), col(Assignment.cluster), col(Assignment.label), col(Assignment.rank), col(Sample.id), col(Sample.uri), col(Sample.label),
+    col(Sample.shard), col(Sample.offset), col(Sample.byte_size), col(Sample.meta),
 ).join(Sample, col(Sample.id) == col(Assignment.sample_id))
 
 

@@ -2,8 +2,13 @@
 
 A manifest has one row per selected sample, with the columns :data:`MANIFEST_COLUMNS`:
 ``key`` (a stable id, ``dataset/sample``), ``uri`` (where the image is), ``label``,
-``dataset``, ``cluster``, ``weight`` (its importance weight) and ``count`` (how many times the
-sample was drawn). The server streams it in one of :data:`MANIFEST_FORMATS`.
+``dataset``, ``cluster``, ``weight`` (its importance weight), ``count`` (how many times the
+sample was drawn), and where the sample lives inside a container: ``shard`` (the tar shard
+or Parquet file; empty for a plain file), ``offset`` (a tar member's data offset in bytes,
+or a Parquet row's number) and ``size`` (the member's length in bytes). A loader reads a
+tar member with one ranged read of ``size`` bytes at ``offset`` of ``shard``
+(:func:`nds_client.storage.read_location` does). The server streams it in one of
+:data:`MANIFEST_FORMATS`.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-MANIFEST_COLUMNS: tuple[str, ...] = ("key", "uri", "label", "dataset", "cluster", "weight", "count")
+MANIFEST_COLUMNS: tuple[str, ...] = ("key", "uri", "label", "dataset", "cluster", "weight", "count", "shard", "offset", "size")
 
 #: one manifest row: a value for each of MANIFEST_COLUMNS
 Row = dict[str, Any]

@@ -8,12 +8,12 @@ from collections.abc import Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nds.plugins.contract import MANIFEST_COLUMNS, Exporter, Row
+from nds.plugins.contract import MANIFEST_COLUMNS, Exporter, ImageReader, Row
 from nds_client.manifests import MANIFEST_FORMATS  # the built-in formats: the client knows them by name
 
 #: the arrow type of each manifest column; the columns and their order are MANIFEST_COLUMNS'
 TYPES = {"key": pa.string(), "uri": pa.string(), "label": pa.string(), "dataset": pa.string(),
-         "cluster": pa.int64(), "weight": pa.float64(), "count": pa.int64()}
+         "cluster": pa.int64(), "weight": pa.float64(), "count": pa.int64(), "shard": pa.string(), "offset": pa.int64(), "size": pa.int64()}
 SCHEMA = pa.schema([(c, TYPES[c]) for c in MANIFEST_COLUMNS])
 
 
@@ -40,7 +40,7 @@ class ParquetExporter(Exporter):
     media_type = "application/vnd.apache.parquet"
     suffix = MANIFEST_FORMATS["parquet"]
 
-    def stream(self, chunks: Iterable[list[Row]]) -> Iterator[bytes]:
+    def stream(self, chunks: Iterable[list[Row]], *, read_image: ImageReader | None = None) -> Iterator[bytes]:
         sink = _Drain()
         with pq.ParquetWriter(sink, SCHEMA, compression="zstd") as writer:
             wrote = False

@@ -7,7 +7,7 @@ import io
 import json
 from collections.abc import Iterable, Iterator
 
-from nds.plugins.contract import MANIFEST_COLUMNS, Exporter, Row
+from nds.plugins.contract import MANIFEST_COLUMNS, Exporter, ImageReader, Row
 from nds_client.manifests import MANIFEST_FORMATS  # the built-in formats: the client knows them by name
 
 
@@ -24,7 +24,7 @@ class CsvExporter(Exporter):
     media_type = "text/csv"
     suffix = MANIFEST_FORMATS["csv"]
 
-    def stream(self, chunks: Iterable[list[Row]]) -> Iterator[bytes]:
+    def stream(self, chunks: Iterable[list[Row]], *, read_image: ImageReader | None = None) -> Iterator[bytes]:
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(MANIFEST_COLUMNS)
@@ -41,6 +41,6 @@ class JsonlExporter(Exporter):
     media_type = "application/x-ndjson"
     suffix = MANIFEST_FORMATS["jsonl"]
 
-    def stream(self, chunks: Iterable[list[Row]]) -> Iterator[bytes]:
+    def stream(self, chunks: Iterable[list[Row]], *, read_image: ImageReader | None = None) -> Iterator[bytes]:
         for rows in chunks:
             yield "".join(json.dumps({c: row[c] for c in MANIFEST_COLUMNS}, ensure_ascii=False) + "\n" for row in rows).encode()
