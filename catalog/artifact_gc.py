@@ -30,6 +30,12 @@ rewritten since is kept).
 ``release`` names keys whose rows the caller has just deleted (a dataset's experts, after
 ``nds datasets rm``): they go at once, without waiting for the grace period, if nothing
 else refers to them and no rule protects them.
+
+A store in object storage (``NDS_ARTIFACTS_DIR=s3://...``) is collected by the same rules:
+its objects are listed (one listing of the prefix), an object's age is its LastModified,
+and it is asked for again (ETag and time) just before it is deleted. It holds no temp files
+(an upload appears whole or not at all) and no lock files (those are in the local cache,
+which this does not touch: it is a copy, refilled on demand).
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from nds.catalog.context import CatalogContext
 from nds.catalog.retrieval.picks import PICKS_PREFIX, picks_key
 from nds.catalog.spaces import PUBLISHED
 from nds.catalog.tables import Dataset, DatasetStatus, Expert, Query
+from nds_client.errors import NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -106,17 +113,22 @@ def _pointer_targets(ctx: CatalogContext) -> set[str]:
     """Backbone pointer files (``backbones/*.json``) and the artifacts they name."""
     import json
 
-    folder = ctx.artifacts.root / "backbones"
     found: set[str] = set()
-    if not folder.is_dir():
-        return found
-    for entry in folder.iterdir():
-        if entry.suffix != ".json" or not entry.is_file() or is_temp_name(entry.name):
+    if ctx.artifacts.remote:
+        names = [o.key.split("/", 1)[1] for o in ctx.artifacts.list_objects("backbones") if o.key.count("/") == 1]
+        pointers = [(n, lambda n=n: ctx.artifacts.open_path(f"backbones/{n}").read_text()) for n in names if n.endswith(".json")]
+    else:
+        folder = ctx.artifacts.root / "backbones"
+        if not folder.is_dir():
+            return found
+        pointers = [(e.name, e.read_text) for e in folder.iterdir() if e.suffix == ".json" and e.is_file()]
+    for name, read in pointers:
+        if is_temp_name(name):
             continue
-        found.add(f"backbones/{entry.name}")
+        found.add(f"backbones/{name}")
         try:
-            target = json.loads(entry.read_text()).get("artifact")
-        except (OSError, ValueError, AttributeError):
+            target = json.loads(read()).get("artifact")
+        except (OSError, ValueError, AttributeError, NotFoundError):
             continue
         if isinstance(target, str):
             found.add(target)
@@ -129,6 +141,24 @@ def _protected(key: str, roots: _Roots) -> bool:
     if parts[0] == "experts" and len(parts) > 2 and parts[1].isdigit() and int(parts[1]) in roots.busy_datasets:
         return True
     return key.startswith(f"{PUBLISHED}/") and roots.any_busy
+
+
+@dataclass(frozen=True)
+class _ObjectStat:
+    """What the collection compares of an object (an os.stat_result's fields; the ETag as its inode)."""
+
+    st_size: int
+    st_mtime: float
+    st_ino: str | None
+
+
+def _listing(ctx: CatalogContext) -> Iterable[tuple[str, os.stat_result | _ObjectStat]] | None:
+    """(key, stat) of every file of the store; None when there is no store yet."""
+    if ctx.artifacts.remote:
+        return [(o.key, _ObjectStat(o.size, o.mtime, o.etag)) for o in ctx.artifacts.list_objects()]
+    if not ctx.artifacts.root.is_dir():
+        return None
+    return _walk(ctx.artifacts.root)
 
 
 def _walk(root: os.PathLike[str] | str) -> Iterable[tuple[str, os.stat_result]]:
@@ -153,13 +183,13 @@ def gc(
     older than ``grace_seconds``, or named in ``release``; see the module docstring."""
     grace_seconds = max(0.0, float(grace_seconds))
     report = GcReport(dry_run=dry_run, grace_seconds=grace_seconds)
-    root = ctx.artifacts.root
-    if not root.is_dir():
-        return report
     released = set(release)
     before = _roots(ctx)
-    candidates: list[tuple[str, os.stat_result, bool]] = []  # (key, stat, is temp)
-    for key, st in _walk(root):
+    listing = _listing(ctx)
+    if listing is None:
+        return report
+    candidates: list[tuple[str, os.stat_result | _ObjectStat, bool]] = []  # (key, stat, is temp)
+    for key, st in listing:
         name = key.rsplit("/", 1)[-1]
         temp = is_temp_name(name)
         if name.endswith(".lock") or (not temp and ("/" not in key or key.split("/", 1)[0] not in MANAGED)):
@@ -195,8 +225,15 @@ def gc(
     return report
 
 
-def _unlink_if_unchanged(ctx: CatalogContext, key: str, seen: os.stat_result, grace: float | None, clock: float) -> bool:
+def _unlink_if_unchanged(ctx: CatalogContext, key: str, seen: os.stat_result | _ObjectStat, grace: float | None, clock: float) -> bool:
     """Unlink ``key`` if it is still the file that was seen (same inode, not written since)."""
+    if ctx.artifacts.remote:
+        now = ctx.artifacts.stat(key)
+        # the ETag says whether it was rewritten; times only to the second (a HEAD's Last-Modified, a listing's may have ms)
+        if now is None or now.etag != seen.st_ino or abs(now.mtime - seen.st_mtime) >= 1 or (grace is not None and clock - now.mtime < grace):
+            return False
+        ctx.artifacts.delete(key)
+        return True
     path = ctx.artifacts.root / key
     try:
         st = os.lstat(path)
@@ -215,7 +252,7 @@ def _remove_empty_expert_folders(ctx: CatalogContext, roots: _Roots) -> None:
     """``experts/<id>/`` folders left empty by datasets that no longer exist (ids are never
     reused, so no writer can be about to put a file there)."""
     folder = ctx.artifacts.root / "experts"
-    if not folder.is_dir():
+    if ctx.artifacts.remote or not folder.is_dir():  # object storage has no folders
         return
     for entry in folder.iterdir():
         if entry.is_dir() and not entry.is_symlink() and entry.name.isdigit() and int(entry.name) not in roots.known_datasets:

@@ -9,6 +9,18 @@ artifact.
 
 Error messages name the artifact key, never the store's folder on the server: they reach
 API clients. A full disk or quota is a :class:`StorageFullError` (503, retry later).
+
+With ``NDS_ARTIFACTS_DIR=s3://bucket/prefix`` the store is :class:`RemoteArtifactStore`:
+the same interface over object storage (the I/O layer :mod:`nds_client.storage`, fsspec),
+so workers on other machines share it without a shared filesystem. It keeps a local cache
+(``NDS_HOME/artifact-cache``): ``open_path`` downloads an artifact there (temp file +
+rename) unless the cached copy matches the object's size and time, and returns the local
+path; ``write_with`` has the writer fill a local temp file, uploads it with one PUT (a
+large file with a multipart upload, which also appears whole or not at all), then keeps it
+in the cache. ``path(key)`` is the cache path: a file written there directly is *not* in
+the store; writers go through ``write_with`` (or ``write_bytes``/``copy_in``). An object
+store that does not answer or refuses the credentials is a :class:`StorageUnavailable`
+(503); messages name the key, not the bucket or the endpoint.
 """
 
 from __future__ import annotations
@@ -19,9 +31,13 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
-from nds_client.errors import ArtifactError, NotFoundError, StorageFullError
+from nds_client import storage
+from nds_client.errors import ArtifactError, NDSError, NotFoundError, StorageFullError, StorageUnavailable
 
 TEMP_PREFIX = ".tmp-"
 EXPORT_TEMP_SUFFIX = ".tmp"  # nds.catalog.model.export writes ".<name>.<random>.tmp" next to its target
@@ -43,8 +59,13 @@ def write_error(key: str, exc: OSError) -> ArtifactError:
 
 
 class ArtifactStore:
+    """The artifact store in a local (or shared) folder."""
+
+    remote = False
+
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.uri = str(root)
         self._resolved_root = root.resolve()
 
     def path(self, key: str) -> Path:
@@ -90,7 +111,7 @@ class ArtifactStore:
             tmp.unlink(missing_ok=True)
             raise
 
-    def write_with(self, key: str, writer: Callable[[Path], None], *, durable: bool = True) -> Path:
+    def write_with(self, key: str, writer: Callable[[Path], object], *, durable: bool = True) -> Path:
         target = self.path(key)
         with self._writing(key, target, durable=durable) as tmp:
             writer(tmp)
@@ -105,3 +126,189 @@ class ArtifactStore:
 
     def delete(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- object storage
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """One artifact of a :class:`RemoteArtifactStore`, as a listing shows it."""
+
+    key: str
+    size: int
+    mtime: float  # the object's LastModified, seconds since the epoch
+    etag: str | None
+
+
+def _mtime(info: dict) -> float | None:
+    value = info.get("LastModified") or info.get("last_modified") or info.get("mtime")
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(value, int | float):
+        return float(value)
+    return None
+
+
+class RemoteArtifactStore:
+    """The artifact store in object storage, with a local cache (see the module docstring)."""
+
+    remote = True
+
+    def __init__(self, uri: str, cache: Path) -> None:
+        self.uri = storage.normalize(uri)
+        self.root = cache  # the local cache: where path(key) points
+        self._resolved_root = cache.resolve()
+
+    def _fs(self) -> tuple[Any, str]:
+        fs, base = storage.filesystem(self.uri)
+        return fs, base.rstrip("/")
+
+    def path(self, key: str) -> Path:
+        """The cache path of ``key``: what :meth:`open_path` downloads to; writing it directly stores nothing."""
+        target = (self._resolved_root / key).resolve()
+        if not target.is_relative_to(self._resolved_root) or target == self._resolved_root:
+            raise ArtifactError(f"artifact key {key!r} escapes the artifact store")
+        return target
+
+    def _object(self, key: str) -> str:
+        target = self.path(key)
+        return self._fs()[1] + "/" + target.relative_to(self._resolved_root).as_posix()
+
+    def _error(self, key: str, action: str, exc: BaseException) -> NDSError:
+        """The project's error for a failed call to the object store; the key named, not the bucket or endpoint."""
+        shown = f"artifact {key}"
+        try:
+            with storage.translated(shown):
+                raise exc
+        except NDSError as translated:
+            err = translated
+        reason = err.message[len(shown) + 2:] if err.message.startswith(shown + ": ") else err.message
+        reason = reason.split(" (", 1)[0]
+        if isinstance(err, StorageUnavailable):
+            return StorageUnavailable(f"cannot {action} artifact {key}: {reason}", hint=err.hint)
+        if isinstance(exc, FileNotFoundError):
+            return NotFoundError(f"artifact {key} is missing from the artifact store")
+        return ArtifactError(f"cannot {action} artifact {key}: {reason}", hint="the server log has the details")
+
+    def _info(self, key: str) -> dict | None:
+        fs, _ = self._fs()
+        try:
+            return fs.info(self._object(key))
+        except FileNotFoundError:
+            return None
+        except Exception as exc:  # noqa: BLE001 - filesystems raise many types
+            raise self._error(key, "read", exc) from exc
+
+    def exists(self, key: str) -> bool:
+        info = self._info(key)
+        return info is not None and info.get("type", "file") == "file"
+
+    def open_path(self, key: str) -> Path:
+        """The local path of ``key``: the cached copy when it matches the object (size and time), else downloaded."""
+        target = self.path(key)
+        info = self._info(key)
+        if info is None or info.get("type", "file") != "file":
+            target.unlink(missing_ok=True)  # a copy of an object that is gone is not served
+            raise NotFoundError(f"artifact {key} is missing from the artifact store")
+        size, mtime = int(info.get("size") or 0), _mtime(info)
+        try:
+            st = target.stat()
+            if st.st_size == size and mtime is not None and abs(st.st_mtime - mtime) < 1e-3:
+                return target
+        except FileNotFoundError:
+            pass
+        fs, _ = self._fs()
+        with self._temp(key, target) as tmp:
+            try:
+                fs.get_file(self._object(key), str(tmp))
+            except FileNotFoundError as exc:  # deleted since the info
+                raise NotFoundError(f"artifact {key} is missing from the artifact store") from exc
+            except OSError as exc:
+                if exc.errno in FULL:  # the cache's disk
+                    raise write_error(key, exc) from exc
+                raise self._error(key, "read", exc) from exc
+            except Exception as exc:  # noqa: BLE001 - filesystems raise many types
+                raise self._error(key, "read", exc) from exc
+            if mtime is not None:
+                os.utime(tmp, (mtime, mtime))
+            os.replace(tmp, target)
+        return target
+
+    @contextmanager
+    def _temp(self, key: str, target: Path) -> Iterator[Path]:
+        """A temp file in the cache beside ``target``, removed unless the block moved it into place."""
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=target.suffix, dir=target.parent)
+            os.close(fd)
+        except OSError as exc:
+            raise write_error(key, exc) from exc
+        tmp = Path(tmp_name)
+        try:
+            yield tmp
+        except OSError as exc:  # the writer's, or the cache's disk
+            raise write_error(key, exc) from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def write_with(self, key: str, writer: Callable[[Path], object], *, durable: bool = True) -> Path:
+        """``writer`` fills a local temp file; it is uploaded with one PUT (all or nothing) and kept in the cache.
+        ``durable`` is the object store's business (a PUT that succeeded is stored)."""
+        target = self.path(key)
+        fs, _ = self._fs()
+        with self._temp(key, target) as tmp:
+            writer(tmp)
+            try:
+                fs.put_file(str(tmp), self._object(key))
+                info = fs.info(self._object(key))
+            except Exception as exc:  # noqa: BLE001 - filesystems raise many types
+                raise self._error(key, "write", exc) from exc
+            mtime = _mtime(info)
+            if mtime is not None:
+                os.utime(tmp, (mtime, mtime))
+            os.replace(tmp, target)
+        return target
+
+    def write_bytes(self, key: str, data: bytes) -> Path:
+        return self.write_with(key, lambda p: p.write_bytes(data))
+
+    def copy_in(self, key: str, source: Path) -> Path:
+        """Upload the file ``source`` as ``key`` (through a temp copy in the cache, which is kept)."""
+        return self.write_with(key, lambda p: shutil.copyfile(source, p))
+
+    def delete(self, key: str) -> None:
+        fs, _ = self._fs()
+        try:
+            fs.rm_file(self._object(key))
+        except FileNotFoundError:
+            pass
+        except Exception as exc:  # noqa: BLE001
+            raise self._error(key, "delete", exc) from exc
+        finally:
+            self.path(key).unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ for the garbage collection
+
+    def list_objects(self, prefix: str = "") -> list[StoredObject]:
+        """Every object under ``prefix`` (a key folder, '' for all), with size, time and ETag."""
+        fs, base = self._fs()
+        where = base + ("/" + prefix.strip("/") if prefix.strip("/") else "")
+        try:
+            found = fs.find(where, detail=True)
+        except FileNotFoundError:
+            return []
+        except Exception as exc:  # noqa: BLE001
+            raise self._error(prefix or "listing", "list", exc) from exc
+        out = []
+        for path, info in sorted(found.items()):
+            if info.get("type", "file") != "file" or not path.startswith(base + "/"):
+                continue
+            out.append(StoredObject(path[len(base) + 1:], int(info.get("size") or 0), _mtime(info) or 0.0, info.get("ETag")))
+        return out
+
+    def stat(self, key: str) -> StoredObject | None:
+        info = self._info(key)
+        if info is None or info.get("type", "file") != "file":
+            return None
+        return StoredObject(key, int(info.get("size") or 0), _mtime(info) or 0.0, info.get("ETag"))

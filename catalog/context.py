@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 
-from nds.catalog.artifacts import ArtifactStore
+from nds.catalog.artifacts import ArtifactStore, RemoteArtifactStore
 from nds.catalog.db import check_schema, create_db_engine
 from nds.catalog.retrieval.groups import GroupCache
 from nds.catalog.settings import Settings
@@ -27,7 +27,9 @@ class CatalogContext:
     def __init__(self, settings: Settings, *, engine: Engine | None = None, vectors: VectorStore | None = None) -> None:
         self.settings = settings
         self.engine = engine or create_db_engine(settings)
-        self.artifacts = ArtifactStore(settings.artifacts_path)
+        self.artifacts: ArtifactStore | RemoteArtifactStore = (
+            RemoteArtifactStore(settings.artifacts_uri, settings.artifacts_path) if settings.artifacts_uri else ArtifactStore(settings.artifacts_path)
+        )
         self.sources: Registry = source_registry()
         self.backbones: Registry = backbone_registry()
         self.exporters: Registry = exporter_registry()

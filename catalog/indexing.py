@@ -51,6 +51,7 @@ from nds.plugins.contract import Backbone, BackboneEnv
 from nds_client.errors import ConflictError, InvalidInputError, NDSError, NotFoundError
 from nds_client.images import load_images
 from nds_client.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+from nds_client.storage import Location, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -124,11 +125,12 @@ def _index(ctx: CatalogContext, dataset_id: int, request: IndexRequest, report: 
         if dataset is None:
             raise JobFailed(f"dataset {dataset_id} no longer exists")
         name, old_backbone = dataset.name, dataset.backbone
-        rows = session.exec(
-            select(Sample.id, Sample.uri, Sample.label, Sample.sha256).where(Sample.dataset_id == dataset_id).order_by(Sample.position)
+        rows = session.execute(
+            select(Sample.id, Sample.uri, Sample.label, Sample.sha256, Sample.shard, Sample.offset, Sample.byte_size)
+            .where(Sample.dataset_id == dataset_id).order_by(Sample.position)
         ).all()
     sample_ids = np.array([r[0] for r in rows], dtype=np.int64)
-    uris = [r[1] for r in rows]
+    uris = [sample_location(r[1], r[4], r[5], r[6]) for r in rows]
     labels_all = [r[2] for r in rows]
     hashes_all = [r[3] for r in rows]
 
@@ -272,7 +274,7 @@ def restore_interrupted_indexing(ctx: CatalogContext) -> list[str]:
     previous status, and what the abandoned run wrote to the vector store is removed. Run
     after :func:`nds.catalog.jobs.mark_interrupted`: an index job of a live process is left alone."""
     with session_scope(ctx.engine) as session:
-        live = datasets_with_live_jobs(session, "index")
+        live = datasets_with_live_jobs(session, "index") | datasets_with_live_jobs(session, "sync")  # a sync marks it indexing too
         stuck = [d for d in session.exec(select(Dataset).where(Dataset.status == DatasetStatus.indexing)).all() if d.id not in live]
         for dataset in stuck:
             dataset.status = DatasetStatus.indexed if dataset.index_version > 0 else DatasetStatus.ready
@@ -320,12 +322,21 @@ def sample_registered_images(ctx: CatalogContext, n: int, size: int, *, seed: in
                 )
         per = max(n // max(len(datasets), 1), 1)
         rng = np.random.default_rng(seed)
-        uris: list[str] = []
+        uris: list[str | Location] = []
         for did in datasets:
-            all_uris = session.exec(select(Sample.uri).where(Sample.dataset_id == did).order_by(Sample.position)).all()
+            all_uris = [sample_location(*r) for r in session.execute(
+                select(Sample.uri, Sample.shard, Sample.offset, Sample.byte_size).where(Sample.dataset_id == did).order_by(Sample.position)).all()]
             take = rng.choice(len(all_uris), size=min(per, len(all_uris)), replace=False) if all_uris else []
             uris.extend(all_uris[i] for i in sorted(take))
     return load_images(uris, size, workers=ctx.settings.scan_workers, max_pixels=ctx.settings.max_image_pixels).images
+
+
+def sample_location(uri: str, shard: str | None, offset: int | None, size: int | None) -> str | Location:
+    """What :func:`nds_client.images.load_images` opens for a sample: its path, or where it is
+    inside a shard or in object storage (read with one ranged read or request)."""
+    if shard is None and not is_remote(uri):
+        return uri
+    return Location(uri, shard, offset, size)
 
 
 def embed_in_batches(backbone: Backbone, images: np.ndarray, report: JobReporter, batch: int = 1024) -> np.ndarray:
@@ -401,10 +412,10 @@ def train_and_export(
     train = TrainConfig(epochs=epochs_for(len(images), request), seed=request.seed)
     key_hash = _content_key(FORMAT_VERSION, kind.value, sorted(hashes), labels, net.to_dict(), train.to_dict(), EXPERT_MEAN, EXPERT_STD)
     key = f"experts/{dataset_id}/{kind.value}-{key_hash[:24]}.onnx"
-    path = ctx.artifacts.path(key)
     reused = False
-    if path.is_file():
+    if ctx.artifacts.exists(key):  # a store in object storage: asked there, and downloaded to its cache
         try:
+            path = ctx.artifacts.open_path(key)
             meta = {k: json.loads(v) for k, v in read_metadata(path).items()}
             meta["backbone_version"] = backbone.version  # experts do not depend on it; the index does
             reused = True
@@ -441,9 +452,10 @@ def train_and_export(
             "train_seconds": round(result.seconds, 2),
             "outputs": ["logits", "features"],
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # every value JSON-encoded, so readers decode all of them the same way
-        export_onnx(result.model, net, metadata={k: json.dumps(v) for k, v in meta.items()}, path=path)  # temp + parity + rename
+        # every value JSON-encoded, so readers decode all of them the same way; the store publishes the file
+        # (temp + rename, or one upload to object storage) once export_onnx has written and checked it
+        metadata = {k: json.dumps(v) for k, v in meta.items()}
+        path = ctx.artifacts.write_with(key, lambda p: export_onnx(result.model, net, metadata=metadata, path=p))
     return {
         "kind": kind,
         "cluster": cluster,

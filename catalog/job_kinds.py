@@ -7,4 +7,4 @@ worker) imports it, so that :func:`nds.catalog.jobs.run_job` finds every kind.
 
 from __future__ import annotations
 
-from nds.catalog import indexing, registration  # noqa: F401 - imported to register their job kinds
+from nds.catalog import indexing, registration, sync  # noqa: F401 - imported to register their job kinds

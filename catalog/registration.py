@@ -398,6 +398,7 @@ def scan_one(position: int, item: SourceItem, roots: DataRoots | list[Path], *,
         height=height,
         byte_size=byte_size,
         sha256=digest,
+        meta=item.meta,  # a plain file keeps what its source knows too (COCO's categories)
     )
 
 

@@ -21,7 +21,12 @@ class Settings(BaseSettings):
     qdrant_url: str | None = Field(default=None, description="URL of a Qdrant server; unset: Qdrant Edge under NDS_HOME.")
     qdrant_api_key: str | None = Field(default=None, description="API key for the Qdrant server.")
     broker_url: str | None = Field(default=None, description="Celery broker (redis://...); unset: jobs run in-process.")
-    artifacts_dir: Path | None = Field(default=None, description="Where experts and backbones are stored; unset: NDS_HOME/artifacts.")
+    artifacts_dir: Path | str | None = Field(
+        default=None,
+        description="Where experts, backbones and query picks are stored: a folder, or an object-storage prefix (s3://bucket/prefix: "
+                    "workers on other machines need no shared filesystem; files are read through a cache in NDS_HOME/artifact-cache); "
+                    "unset: NDS_HOME/artifacts.",
+    )
     data_roots: Annotated[list[Path | str], NoDecode] = Field(
         default_factory=lambda: [Path.cwd()],
         description="Folders and object-storage prefixes (s3://bucket/prefix) that registered sources must live under "
@@ -85,6 +90,16 @@ class Settings(BaseSettings):
             return [normalize(str(p)) if is_remote(str(p)) else Path(p) for p in value]
         return value
 
+    @field_validator("artifacts_dir", mode="before")
+    @classmethod
+    def _artifacts_location(cls, value: object) -> object:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        from nds_client.storage import is_remote, normalize
+
+        text = str(value).strip()
+        return normalize(text) if is_remote(text) else Path(text)
+
     @field_validator("public_uris", mode="before")
     @classmethod
     def _split_public_uris(cls, value: object) -> object:
@@ -136,8 +151,17 @@ class Settings(BaseSettings):
         return f"sqlite:///{self.resolved_home / 'catalog.db'}"
 
     @property
+    def artifacts_uri(self) -> str | None:
+        """The object-storage prefix of the artifact store, when NDS_ARTIFACTS_DIR names one."""
+        return self.artifacts_dir if isinstance(self.artifacts_dir, str) else None
+
+    @property
     def artifacts_path(self) -> Path:
-        return (self.artifacts_dir or self.resolved_home / "artifacts").expanduser().resolve()
+        """The artifact store's local folder: the store itself, or, for one in object storage, its cache."""
+        if self.artifacts_uri is not None:
+            return self.resolved_home / "artifact-cache"
+        local = self.artifacts_dir if isinstance(self.artifacts_dir, Path) else None
+        return (local or self.resolved_home / "artifacts").expanduser().resolve()
 
     @property
     def vectors_path(self) -> Path:

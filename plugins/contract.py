@@ -190,7 +190,9 @@ class ArtifactAccess(Protocol):
     (``backbones/mynet.onnx``), one store shared by every process of the server."""
 
     def path(self, key: str) -> Path:
-        """Where ``key`` lives (it may not exist yet); ArtifactError if the key leaves the store."""
+        """Where ``key`` lives on this machine (it may not exist yet; for a store in object storage,
+        its cache); ArtifactError if the key leaves the store. Read through :meth:`open_path`,
+        write through :meth:`write_with` or :meth:`write_bytes`."""
 
     def exists(self, key: str) -> bool:
         """Whether ``key`` is a file in the store."""
@@ -200,6 +202,11 @@ class ArtifactAccess(Protocol):
 
     def write_bytes(self, key: str, data: bytes) -> Path:
         """Write ``key`` atomically (temporary file, fsync, rename) and return its path."""
+
+    def write_with(self, key: str, writer: Callable[[Path], None]) -> Path:
+        """Have ``writer`` fill a temporary file, then publish it as ``key`` atomically; its path.
+        A file written to :meth:`path` directly is not published (a store in object storage
+        keeps only a cache there)."""
 
 
 def _no_paths(raw: str) -> Path:

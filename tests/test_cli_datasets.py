@@ -50,7 +50,7 @@ def test_bad_input_exits_non_zero_with_a_message(nds, data_root, tmp_path):
         (("datasets", "add", "src", str(folder)), "already exists"),
         (("datasets", "add", "ghost", str(data_root / "nope")), "does not exist"),
         (("datasets", "add", "out", str(write_images(tmp_path / "elsewhere", n=1))), "outside the data roots"),
-        (("datasets", "add", "p", str(folder), "--source", "parquet"), "known: imagefolder, manifest"),
+        (("datasets", "add", "p", str(folder), "--source", "zipfile"), "known: coco, imagefolder, manifest, parquet, webdataset"),
         (("datasets", "show", "ghost"), "no dataset named 'ghost'"),
         (("datasets", "rm", "ghost"), "no dataset named 'ghost'"),
         (("jobs", "show", "nope"), "no job nope"),

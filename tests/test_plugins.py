@@ -44,7 +44,7 @@ def test_builtin_sources_are_entry_points():
 def test_unknown_name_lists_known_and_hints():
     with pytest.raises(PluginError) as info:
         source_registry().get("zip")
-    assert "known: imagefolder, manifest" in str(info.value) and "entry point" in str(info.value)
+    assert "known: coco, imagefolder, manifest, parquet, webdataset" in str(info.value) and "entry point" in str(info.value)
 
 
 def test_dotted_path_and_broken_path():

@@ -254,7 +254,8 @@ def test_rest_queries_and_manifest_formats(settings, catalog):
         df_csv = pd.read_csv(io.BytesIO(csv_bytes), keep_default_na=False)
         df_jsonl = pd.read_json(io.BytesIO(jsonl), lines=True)
         df_pq = pq.read_table(io.BytesIO(parquet)).to_pandas()
-        assert list(df_csv.columns) == ["key", "uri", "label", "dataset", "cluster", "weight", "count"]
+        assert list(df_csv.columns) == ["key", "uri", "label", "dataset", "cluster", "weight", "count", "shard", "offset", "size"]
+        assert list(df_pq.columns) == list(df_csv.columns) and set(df_csv["shard"]) == {""}  # plain files: no container
         assert df_csv["count"].sum() == df_jsonl["count"].sum() == df_pq["count"].sum() == 300
         assert list(df_csv["key"]) == list(df_jsonl["key"]) == list(df_pq["key"])
         assert np.allclose(df_csv["weight"], df_pq["weight"])
@@ -288,10 +289,11 @@ def test_manifest_dataset_and_sampler(tmp_path, ctx, data_root):
     from tests.conftest import write_images
 
     folder = write_images(data_root / "imgs", labels=("cat", "dog"), n=3)
+    plain = {"shard": None, "offset": None, "size": None}  # files of their own, not inside a shard
     rows = [
-        {"key": "d/1", "uri": str(folder / "cat" / "0.png"), "label": "cat", "dataset": "d", "cluster": 0, "weight": 0.5, "count": 3},
-        {"key": "d/2", "uri": str(folder / "dog" / "1.png"), "label": "dog", "dataset": "d", "cluster": 1, "weight": 0.25, "count": 1},
-        {"key": "d/3", "uri": str(folder / "dog" / "2.png"), "label": None, "dataset": "d", "cluster": 1, "weight": 0.25, "count": 2},
+        {"key": "d/1", "uri": str(folder / "cat" / "0.png"), "label": "cat", "dataset": "d", "cluster": 0, "weight": 0.5, "count": 3, **plain},
+        {"key": "d/2", "uri": str(folder / "dog" / "1.png"), "label": "dog", "dataset": "d", "cluster": 1, "weight": 0.25, "count": 1, **plain},
+        {"key": "d/3", "uri": str(folder / "dog" / "2.png"), "label": None, "dataset": "d", "cluster": 1, "weight": 0.25, "count": 2, **plain},
     ]
     for fmt in ("csv", "jsonl", "parquet"):
         path = tmp_path / f"m.{fmt}"

@@ -1,4 +1,4 @@
-"""/v1/datasets: register, list, show, page samples, delete."""
+"""/v1/datasets: register, list, show, page samples, index, sync, delete."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from nds.catalog.db import session_scope
 from nds.catalog.indexing import IndexRequest, start_indexing
 from nds.catalog.jobs import get_job, submit_or_undo
 from nds.catalog.registration import RegistrationRequest, start_registration
+from nds.catalog.sync import start_sync
 from nds.catalog.tables import ClusterPublic, Dataset, DatasetPublic, DatasetsPublic, JobPublic, SamplePublic, SamplesPublic
 from nds_client.errors import InvalidInputError
 
@@ -61,6 +62,16 @@ def _shown(row, show: Callable[[str], str]):  # noqa: ANN001, ANN202 - a public 
 def index_dataset(dataset_id: IdPath, body: IndexBody, ctx: CtxDep, dispatcher: DispatcherDep, _: AdminDep) -> JobPublic:
     """Embed, cluster, train one rotation expert per cluster and a label classifier, export to ONNX."""
     job = start_indexing(ctx, dataset_id, IndexRequest(**body.model_dump()))
+    submit_or_undo(ctx, dispatcher, job)
+    with session_scope(ctx.engine) as session:
+        return JobPublic.model_validate(get_job(session, job.id))
+
+
+@router.post("/{dataset_id}/sync", status_code=status.HTTP_202_ACCEPTED, response_model=JobPublic)
+def sync_dataset(dataset_id: IdPath, ctx: CtxDep, dispatcher: DispatcherDep, _: AdminDep) -> JobPublic:
+    """Register what the source gained since, remove what it lost, and place the new samples in
+    the nearest clusters of the active index (no expert is retrained); the summary is the job's result."""
+    job = start_sync(ctx, dataset_id)
     submit_or_undo(ctx, dispatcher, job)
     with session_scope(ctx.engine) as session:
         return JobPublic.model_validate(get_job(session, job.id))

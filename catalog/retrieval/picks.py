@@ -25,7 +25,7 @@ import numpy as np
 
 from nds.catalog.retrieval.sampling import Picks
 from nds.catalog.retrieval.weights import GroupTable
-from nds_client.errors import ArtifactError, ConflictError, GoneError
+from nds_client.errors import ArtifactError, ConflictError, GoneError, NotFoundError
 
 if TYPE_CHECKING:  # only ctx.artifacts is used: the picks file knows nothing of SQL
     from nds.catalog.context import CatalogContext
@@ -95,8 +95,8 @@ def open_picks(
     that says to run the query again; nothing is allocated before the header's sizes match
     the file's."""
     try:
-        fh = ctx.artifacts.path(picks_key(query_id)).open("rb")
-    except FileNotFoundError:
+        fh = ctx.artifacts.open_path(picks_key(query_id)).open("rb")  # a store in object storage: downloaded to its cache
+    except (FileNotFoundError, NotFoundError):
         raise GoneError(f"the stored selection of query {query_id} is missing; run the query again",
                             hint="the same request and seed select the same samples") from None
     except OSError as exc:

@@ -5,7 +5,7 @@ work into batches of ``batch_size``, reports missing ids and unknown collections
 third-party exceptions into project errors through the backend's :meth:`VectorStore._translate`
 (called in one place, :meth:`VectorStore._errors`). A backend only implements the small
 primitives below (``_dim``, ``_open``, ``_create``, ``_has``, ``_list``, ``_drop``,
-``_upsert_batch``, ``_search``, ``_count``, ``_retrieve``, ``_delete_points``, ``_close``),
+``_upsert_batch``, ``_search``, ``_count``, ``_retrieve``, ``_delete_points``, ``_delete_ids``, ``_close``),
 each of which talks to its client library and nothing else.
 """
 
@@ -154,6 +154,20 @@ class VectorStore(ABC):
                     out[row] = found[pid]
                 return out
 
+    def delete_points(self, name: str, ids: Sequence[int]) -> None:
+        """Delete the points ``ids`` of collection ``name``; ids that are not there are ignored."""
+        _check_name(name)
+        point_ids = list(dict.fromkeys(_check_ids(ids)))
+        with self._errors(f"delete points from vector collection {name!r}"):
+            self._check_open()
+            if not point_ids:
+                return
+            with self._open(name, write=True) as handle:
+                self._dim(name)  # NotFoundError for an unknown collection
+                step = max(1, self.batch_size)
+                for start in range(0, len(point_ids), step):
+                    self._delete_ids(handle, name, point_ids[start : start + step])
+
     def delete_dataset(self, dataset_id: int, *, keep: str | None = None) -> int:
         """Delete that dataset's points from every collection (but ``keep``, when named);
         returns how many were deleted."""
@@ -252,6 +266,10 @@ class VectorStore(ABC):
 
     @abstractmethod
     def _delete_points(self, handle: Any, name: str, dataset_id: int) -> None: ...
+
+    @abstractmethod
+    def _delete_ids(self, handle: Any, name: str, ids: list[int]) -> None:
+        """Delete the points with these ids (missing ones are no error)."""
 
     def _close(self) -> None:
         """Release the backend's resources (optional; :meth:`close` calls it once)."""

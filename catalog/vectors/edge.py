@@ -227,5 +227,10 @@ class EdgeVectorStore(VectorStore):
 
         handle.update(UpdateOperation.delete_points_by_filter(self._dataset_filter([dataset_id])))
 
+    def _delete_ids(self, handle: Any, name: str, ids: list[int]) -> None:
+        from qdrant_edge import UpdateOperation
+
+        handle.update(UpdateOperation.delete_points(ids))
+
     def __repr__(self) -> str:
         return f"EdgeVectorStore({str(self.path)!r})"

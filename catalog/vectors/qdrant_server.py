@@ -144,6 +144,11 @@ class QdrantServerStore(VectorStore):
 
         handle.delete(name, points_selector=models.FilterSelector(filter=self._dataset_filter([dataset_id])), wait=True)
 
+    def _delete_ids(self, handle: Any, name: str, ids: list[int]) -> None:
+        from qdrant_client import models
+
+        handle.delete(name, points_selector=models.PointIdsList(points=ids), wait=True)
+
     def _close(self) -> None:
         if self._owns_client:
             with self._errors("close the Qdrant client"):

@@ -4,8 +4,10 @@
 images locally, prints a ranked table of experts and writes the scores as plain JSON
 (:meth:`nds_client.scores.Scores.save`). ``query`` sends those scores (and label priors) to
 the server and writes the training manifest it selects: csv, jsonl or parquet as the server
-streams it, or ``--format imagefolder``, a folder of links to (or copies of) the selected
-local files, one subfolder per label (:mod:`nds_client.imagefolder`). The images never
+streams it (img2dataset: the url list of a url-based selection), ``--format webdataset``, a
+folder of tar shards of the selected images read by the server (``--shard-size`` samples
+each), or ``--format imagefolder``, a folder of links to (or copies of) the selected local
+files, one subfolder per label (:mod:`nds_client.imagefolder`). The target images never
 leave this machine.
 
 The server's ``nds`` has the very same ``score`` and ``query``: ``api/cli.py`` adds these
@@ -133,13 +135,14 @@ def query(
     server: Annotated[str, typer.Option(help="URL of the server, e.g. http://127.0.0.1:8000.")],
     scores: Annotated[Path, typer.Option(help="Scores file written by 'nds-client score' or 'nds score' (plain JSON).")],
     budget: Annotated[int, typer.Option(help="Number of samples to select.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="manifest.csv|.jsonl|.parquet, or a folder with --format imagefolder.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="manifest.csv|.jsonl|.parquet|.tar, or a folder with --format imagefolder or webdataset.")],
     priors: Annotated[Path | None, typer.Option(help="Label priors JSON: {dataset_id: {label: p}} (default: those in the scores file).")] = None,
     no_replacement: Annotated[bool, typer.Option("--no-replacement", help="Elastic matcher: no sample twice.")] = False,
     seed: Annotated[int, typer.Option(help="Seed: the same request and seed give the same manifest.")] = 0,
     temperature: Annotated[float | None, typer.Option(help="Softmax temperature over normalised scores (default 0.1).")] = None,
     datasets: Annotated[str | None, typer.Option(help="Comma-separated dataset ids to select from.")] = None,
-    format: Annotated[str | None, typer.Option(help="csv, jsonl, parquet or imagefolder (default: from the output's suffix).")] = None,
+    format: Annotated[str | None, typer.Option(help="csv, jsonl, parquet, webdataset (tar shards of the images), img2dataset (url list) or imagefolder (default: from the output's suffix).")] = None,
+    shard_size: Annotated[int, typer.Option(min=1, help="webdataset: samples per tar shard (DIR/shard-00000.tar, ...).")] = 10_000,
     copy: Annotated[bool, typer.Option("--copy", help="imagefolder: copy the images instead of symlinking them.")] = False,
     data_root: Annotated[Path | None, typer.Option(help="imagefolder: where this machine sees the server's data root (a client key's manifest names files relative to it).")] = None,
     token: Annotated[str | None, typer.Option(envvar="NDS_TOKEN", help="API key.")] = None,
@@ -151,7 +154,7 @@ def query(
 
     fmt = format or format_for_path(output)
     if fmt is None:
-        raise InvalidInputError(f"cannot tell the format of {output.name}", field="output", hint="use .csv, .jsonl, .parquet or --format")
+        raise InvalidInputError(f"cannot tell the format of {output.name}", field="output", hint="use .csv, .jsonl, .parquet, .tar or --format")
     loaded = Scores.load(scores)
     label_priors = loaded.label_priors
     if priors is not None:
@@ -172,6 +175,9 @@ def query(
                 manifest = client.manifest(result["id"], Path(tmp) / "manifest.jsonl")
                 made = build_tree(JsonlRows(manifest), output, copy=copy, data_root=data_root)
             written = f"{output} ({made} files)"
+        elif fmt == "webdataset" and output.suffix.lower() != ".tar":  # a folder of shards; OUT.tar is one tar of every row
+            shards = client.webdataset(result["id"], output, shard_size=shard_size, total=int(result["summary"]["unique_samples"]))
+            written = f"{output} ({len(shards)} shard{'s' if len(shards) != 1 else ''} of at most {shard_size} samples)"
         else:
             client.manifest(result["id"], output, format=fmt)
             written = str(output)

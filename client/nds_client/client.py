@@ -11,6 +11,7 @@ The user's images never leave their machine; only numbers do::
         scores.save("scores.json")                               # plain JSON, never a pickle
         query = client.query(scores, budget=10_000)
         client.manifest(query["id"], "manifest.csv")
+        client.webdataset(query["id"], "shards/")                # the selected images, as WebDataset tar shards
 
 :class:`NDSClient` is the facade; what it does is in the modules named after it:
 :mod:`~nds_client.transport` (HTTP, paging, the server's errors), :mod:`~nds_client.cache`
@@ -283,21 +284,53 @@ class NDSClient:
             body["score_method"] = score_method
         return self._json("POST", "/v1/queries", json_body=body)
 
-    def manifest(self, query_id: str | int, path: str | os.PathLike, format: str | None = None) -> Path:
+    def manifest(self, query_id: str | int, path: str | os.PathLike, format: str | None = None, *,
+                 offset: int = 0, limit: int | None = None) -> Path:
         """GET /v1/queries/{id}/manifest, streamed to ``path`` (temp file + rename). The format
-        (csv, jsonl, parquet) is taken from the file's suffix unless given."""
+        (csv, jsonl, parquet, webdataset, img2dataset) is taken from the file's suffix unless
+        given; ``offset``/``limit`` fetch only rows ``offset`` .. ``offset + limit - 1``."""
         path = Path(path)
         fmt = format or format_for_path(path)
         if fmt not in MANIFEST_FORMATS:
             raise ClientInputError(
                 f"cannot tell the manifest format from {path.name!r}" if format is None else f"unknown manifest format {format!r}",
-                field="format", hint="use a .csv, .jsonl or .parquet file name, or pass format=",
+                field="format", hint="use a .csv, .jsonl, .parquet or .tar file name, or pass format=",
             )
+        params: dict[str, Any] = {"format": fmt}
+        if offset:
+            params["offset"] = int(offset)
+        if limit is not None:
+            params["limit"] = int(limit)
 
         def write(fh: IO[bytes]) -> None:
-            with self._server.exchange("GET", f"/v1/queries/{query_id}/manifest", params={"format": fmt}, stream=True) as response:
+            with self._server.exchange("GET", f"/v1/queries/{query_id}/manifest", params=params, stream=True) as response:
                 for chunk in response.iter_bytes(1 << 16):
                     fh.write(chunk)
 
         atomic_write(path, write)
         return path
+
+    def webdataset(self, query_id: str | int, folder: str | os.PathLike, *, shard_size: int = 10_000,
+                   total: int | None = None, progress: Callable[[int, int], None] | None = None) -> list[Path]:
+        """The selected images themselves, as WebDataset shards ``folder/shard-00000.tar``, ... of
+        ``shard_size`` samples each (each sample once, its ``count`` in its JSON member). The
+        server reads the images (GET /v1/queries/{id}/manifest?format=webdataset&offset=&limit=),
+        so this works for keys that cannot see the data; each shard is written to a temporary
+        file and renamed, and ``folder`` must be new or empty. ``total``: the number of rows (the
+        query's ``unique_samples``; asked for when not given). ``progress(done, shards)`` after each shard."""
+        if int(shard_size) < 1:
+            raise ClientInputError(f"the shard size must be at least 1, not {shard_size}", field="shard_size")
+        folder = Path(folder)
+        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+            raise ClientInputError(f"{folder} is not an empty folder", field="output", hint="give a new or empty folder")
+        if total is None:
+            total = int(self._json("GET", f"/v1/queries/{query_id}")["summary"]["unique_samples"])
+        shards = -(-int(total) // int(shard_size))
+        folder.mkdir(parents=True, exist_ok=True)
+        written: list[Path] = []
+        for i in range(shards):
+            written.append(self.manifest(query_id, folder / f"shard-{i:05d}.tar", format="webdataset",
+                                         offset=i * int(shard_size), limit=int(shard_size)))
+            if progress is not None:
+                progress(i + 1, shards)
+        return written

@@ -1,6 +1,9 @@
 """``imagefolder``: a directory tree DEST/<label>/<file> that torchvision's ImageFolder and
 FiftyOne read, made of symlinks (default) or copies of the manifest's images; what
-``nds-client query --format imagefolder`` writes.
+``nds-client query --format imagefolder`` writes. A sample inside a container (a tar
+member, a Parquet row: the row has a ``shard``) has no file to link: its bytes are read
+through :func:`nds_client.storage.read_location` (one ranged read, local or object
+storage) and written, under the member's suffix (a Parquet image's from its bytes).
 
 Folder names come from :func:`nds_client.folder_names.label_folder_names`: one folder per
 distinct label, the label's Unicode kept, only what a file system cannot hold
@@ -26,10 +29,12 @@ import os
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from nds_client.errors import InvalidInputError
 from nds_client.folder_names import UNLABELLED, UniqueNames, label_folder_names
-from nds_client.manifests import Row
+from nds_client.manifests import Row, image_suffix
+from nds_client.storage import Location, is_remote, read_location
 
 __all__ = ["LABELS_FILE", "UNLABELLED", "JsonlRows", "build_tree", "label_folder_names"]
 
@@ -46,6 +51,19 @@ class JsonlRows:
             for line in fh:
                 if line.strip():
                     yield json.loads(line)
+
+
+def _local(uri: str) -> str:
+    return uri[len("file://"):] if uri.startswith("file://") else uri
+
+
+def _shard(row: Row) -> str | None:
+    shard = row.get("shard")
+    return None if shard is None or shard == "" else str(shard)
+
+
+def _int(value: Any) -> int | None:  # a CSV cell or an int
+    return None if value is None or value == "" else int(value)
 
 
 def _label(row: Row) -> object:
@@ -70,10 +88,10 @@ def build_tree(rows: Iterable[Row], dest: Path, *, copy: bool = False, data_root
         rows = list(rows)
     for row in rows:
         uri = str(row["uri"])
-        if "://" in uri and not uri.startswith("file://"):
+        if not _shard(row) and "://" in uri and not uri.startswith("file://"):
             raise InvalidInputError(f"the manifest names a remote file ({uri.split('://')[0]}://...)", field="format",
                                     hint="an imagefolder tree links local files: export csv/jsonl/parquet and read it with your loader")
-        if not Path(uri).is_absolute() and data_root is None:
+        if not is_remote(uri) and not Path(_local(uri)).is_absolute() and data_root is None:
             raise InvalidInputError("the manifest names files relative to the server's data roots", field="data_root",
                                     hint="pass --data-root with the folder where this machine sees the server's data root")
     folders = label_folder_names({_label(row) for row in rows})
@@ -82,9 +100,17 @@ def build_tree(rows: Iterable[Row], dest: Path, *, copy: bool = False, data_root
     made = 0
     for row in rows:
         uri = str(row["uri"])
-        src = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+        src = Path(_local(uri))
         if not src.is_absolute() and data_root is not None:  # relative uris without a data root were refused above
             src = Path(data_root) / src
+        data: bytes | None = None
+        suffix = src.suffix
+        shard = _shard(row)
+        if shard:  # a tar member or a Parquet row: no file to link, the bytes are written
+            if not is_remote(shard) and not Path(_local(shard)).is_absolute() and data_root is not None:
+                shard = str(Path(data_root) / _local(shard))
+            data = read_location(Location(uri, shard, _int(row.get("offset")), _int(row.get("size"))))
+            suffix = image_suffix(row, data)
         folder_name = folders[_label(row)]
         folder = dest / folder_name
         if folder_name not in names:
@@ -93,8 +119,10 @@ def build_tree(rows: Iterable[Row], dest: Path, *, copy: bool = False, data_root
         taken = names[folder_name]
         stem = str(row["key"]).replace("/", "-")
         for i in range(int(row.get("count", 1))):
-            target = folder / taken.make(stem if i == 0 else f"{stem}__{i}", src.suffix)
-            if copy:
+            target = folder / taken.make(stem if i == 0 else f"{stem}__{i}", suffix)
+            if data is not None:
+                target.write_bytes(data)
+            elif copy:
                 shutil.copyfile(src, target)
             else:
                 os.symlink(src, target)

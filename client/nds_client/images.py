@@ -26,7 +26,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-ImageSource = str | os.PathLike | bytes
+from nds_client.errors import NDSError
+from nds_client.storage import Location, is_remote, read_location
+
+ImageSource = str | os.PathLike | bytes | Location  # a Location: a sample inside a shard or in object storage
 
 #: file suffixes taken for images (a folder's files, a tar shard's members)
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
@@ -89,7 +92,12 @@ def square_resize(image: Image.Image, size: int) -> np.ndarray:
 
 def load_image(source: ImageSource, size: int, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode one image file (or its bytes) into uint8 (size, size, 3); OSError/ValueError if
-    unreadable, :class:`TooManyPixels` (a ValueError, nothing decoded) above ``max_pixels``."""
+    unreadable, :class:`TooManyPixels` (a ValueError, nothing decoded) above ``max_pixels``.
+    A :class:`~nds_client.storage.Location` (or an object-storage uri) is read through the I/O layer first."""
+    if isinstance(source, Location):
+        source = read_location(source) if (source.shard is not None or is_remote(source.uri)) else source.uri
+    elif isinstance(source, str) and is_remote(source):
+        source = read_location(Location(source))
     data = source if isinstance(source, bytes | bytearray) else os.fspath(source)
     try:
         with open_image(data, max_pixels) as im:
@@ -143,6 +151,8 @@ def load_images(
             out[i] = load_image(sources[i], size, max_pixels=max_pixels)
             return i, None
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            return i, f"{type(exc).__name__}: {exc}"
+        except NDSError as exc:  # a storage error reading a shard member or an object
             return i, f"{type(exc).__name__}: {exc}"
 
     total = max(len(sources), 1)

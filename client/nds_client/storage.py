@@ -84,7 +84,11 @@ def join(base: str, *parts: str) -> str:
 def _storage_options(protocol: str) -> dict[str, Any]:
     if protocol in ("s3", "s3a"):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+        # no listings cache: a long-running server must see the objects added and removed since it last listed
+        options: dict[str, Any] = {"use_listings_cache": False}
+        if endpoint:
+            options["client_kwargs"] = {"endpoint_url": endpoint}
+        return options
     return {}
 
 
@@ -102,23 +106,78 @@ def filesystem(uri: str) -> tuple[Any, str]:
     return fs, path
 
 
+#: transport failures (botocore, aiohttp, fsspec; matched by class name, so none of them is imported here)
+_TRANSPORT_ERRORS = frozenset({
+    "HTTPClientError", "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+    "ProxyConnectionError", "ResponseStreamingError", "IncompleteReadError", "ClientConnectionError", "ClientConnectorError",
+    "ServerDisconnectedError", "ClientPayloadError", "ClientOSError", "ServerTimeoutError", "FSTimeoutError", "IncompleteRead",
+})
+#: S3 error codes: the credentials themselves refused, the store overloaded or failing
+_CREDENTIAL_CODES = frozenset({
+    "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "TokenRefreshRequired",
+    "AuthorizationHeaderMalformed", "InvalidSecurity", "RequestTimeTooSkewed", "NotSignedUp", "AccountProblem",
+})
+_DENIED_CODES = frozenset({"AccessDenied", "AllAccessDisabled", "403"})
+_FAILING_CODES = frozenset({"ServiceUnavailable", "SlowDown", "InternalError", "RequestTimeout", "500", "502", "503", "504"})
+_CREDENTIALS_HINT = "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and what they may read"
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from (s3fs raises an OSError from botocore's ClientError)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen and len(seen) < 8:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _error_code(exc: BaseException) -> str | None:
+    """The S3 error code of a botocore ClientError among ``exc``'s causes."""
+    for e in _causes(exc):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            code = (response.get("Error") or {}).get("Code")
+            if code:
+                return str(code)
+    return None
+
+
+def _transport_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from) is a connection that failed: refused, reset, timed out, cut off."""
+    for e in _causes(exc):
+        if isinstance(e, ConnectionError | TimeoutError):
+            return True
+        if any(cls.__name__ in _TRANSPORT_ERRORS for cls in type(e).__mro__):
+            return True
+    return False
+
+
 def _translate(uri: str, exc: BaseException) -> NDSError:
-    """An exception of a filesystem as the project's error, saying which kind of problem it is."""
+    """An exception of a filesystem as the project's error, saying which kind of problem it is:
+    a missing file, the store not answering (connection refused, reset or timed out), the
+    credentials refused, access denied, or the store failing (5xx, throttled)."""
     if isinstance(exc, NDSError):
         return exc
-    if isinstance(exc, FileNotFoundError):
-        return StorageError(f"{uri} does not exist", hint="check the path")
-    if isinstance(exc, PermissionError):
-        return StorageUnavailable(f"{uri}: access denied ({exc})", hint="check the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE)")
     name = type(exc).__name__
     text = str(exc)
-    if any(s in name for s in ("EndpointConnection", "ConnectTimeout", "ConnectionError", "ClientConnector", "ReadTimeout")) or \
-            isinstance(exc, ConnectionError | TimeoutError):
-        return StorageUnavailable(f"{uri}: the object store does not answer ({text})",
+    code = _error_code(exc)
+    if isinstance(exc, FileNotFoundError) and code not in _DENIED_CODES:
+        return StorageError(f"{uri} does not exist", hint="check the path")
+    if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
+        return StorageUnavailable(f"{uri}: no credentials for the object store ({text})", hint=_CREDENTIALS_HINT)
+    if code in _CREDENTIAL_CODES:
+        return StorageUnavailable(f"{uri}: the object store refused the credentials ({code}: {text})", hint=_CREDENTIALS_HINT)
+    if code in _DENIED_CODES or isinstance(exc, PermissionError):
+        shown = f" {code}" if code and code != "403" else ""
+        return StorageUnavailable(f"{uri}: the object store refused access (HTTP 403{shown}: {text}); "
+                                  "the credentials are refused or may not read it", hint=_CREDENTIALS_HINT)
+    if code in _FAILING_CODES:
+        return StorageUnavailable(f"{uri}: the object store is failing or overloaded ({code}: {text})",
+                                  hint="retry later; check the object store's health")
+    if _transport_failure(exc):
+        return StorageUnavailable(f"{uri}: the object store does not answer ({name}: {text})",
                                   hint="check AWS_ENDPOINT_URL and that the store is up, then retry")
-    if any(s in text for s in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden", "403")):
-        return StorageUnavailable(f"{uri}: the object store refused the credentials ({text})",
-                                  hint="check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)")
     if isinstance(exc, OSError):
         return StorageError(f"{uri}: {exc.strerror or text}")
     return StorageError(f"{uri}: {name}: {text}")

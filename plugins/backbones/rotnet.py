@@ -93,6 +93,6 @@ def _train(env: BackboneEnv) -> None:
     export_onnx(result.model, net, metadata=meta, path=tmp_path)
     digest = sha256_file(tmp_path)
     key = f"backbones/rotnet-{digest[:16]}.onnx"
-    os.replace(tmp_path, env.artifacts.path(key))
+    env.artifacts.write_with(key, lambda p: os.replace(tmp_path, p))  # published by the store (rename, or an upload)
     meta.update(version=f"rotnet-{digest[:12]}", artifact=key, sha256=digest)
     env.artifacts.write_bytes(POINTER, json.dumps(meta, indent=2).encode())
