@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -60,7 +61,7 @@ def _let_pillow_open(max_pixels: int) -> None:
 
 
 @contextmanager
-def open_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Iterator[Image.Image]:
+def open_image(source: str | os.PathLike | bytes | IO[bytes], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Iterator[Image.Image]:
     """``Image.open`` (a path, bytes or a binary file), header only: raises
     :class:`TooManyPixels` for more than ``max_pixels`` pixels before anything is decoded
     (Pillow's own DecompressionBombError, for an image past twice its limit, becomes one too)."""
