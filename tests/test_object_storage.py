@@ -509,3 +509,45 @@ def test_remote_artifact_store_unit(bucket, tmp_path):  # noqa: F811
     assert "queries/x.picks" in str(info.value) and "does not answer" in str(info.value)
     assert bucket.name not in str(info.value) and "127.0.0.1" not in str(info.value)  # the key, not the bucket or the endpoint
     assert os.listdir(tmp_path / "cache" / "queries") == []
+
+
+def _client_error(code: str, kind: type[OSError] = OSError, *args: object) -> OSError:
+    """An OSError raised from botocore's ClientError, as s3fs raises them."""
+    from botocore.exceptions import ClientError
+
+    exc = kind(*args) if args else kind(code)
+    exc.__cause__ = ClientError({"Error": {"Code": code, "Message": code}}, "GetObject")
+    return exc
+
+
+def test_failures_of_the_store_are_unavailable_not_unreadable():
+    """A connection cut, reset or closed, a throttled or failing store, refused tokens and missing
+    credentials say the store is unavailable (the job fails, a shard is not skipped as bad);
+    a missing object or another error of one file stays a StorageError (that file is skipped)."""
+    import errno
+
+    import aiohttp
+    from botocore.exceptions import ConnectionClosedError, EndpointConnectionError, NoCredentialsError, ReadTimeoutError
+
+    from nds_client.errors import StorageError
+    from nds_client.storage import translated
+
+    unavailable = {
+        "the object store does not answer": [EndpointConnectionError(endpoint_url="http://x"), ConnectionClosedError(endpoint_url="http://x"),
+                                             ReadTimeoutError(endpoint_url="http://x"), aiohttp.ServerDisconnectedError(),
+                                             aiohttp.ClientOSError(errno.ECONNRESET, "Connection reset by peer"), ConnectionResetError()],
+        "failing or overloaded": [_client_error("SlowDown", OSError, errno.EBUSY, "reduce"), _client_error("InternalError", OSError, errno.EREMOTEIO, "x")],
+        "refused the credentials": [_client_error("InvalidAccessKeyId", PermissionError), _client_error("InvalidToken", OSError, errno.EINVAL, "x"),
+                                    _client_error("SignatureDoesNotMatch", PermissionError)],
+        "refused access (HTTP 403": [_client_error("AccessDenied", PermissionError), PermissionError("Forbidden")],
+        "no credentials": [NoCredentialsError()],
+    }
+    for needle, errors in unavailable.items():
+        for exc in errors:
+            with pytest.raises(StorageUnavailable) as info, translated("s3://b/k"):
+                raise exc
+            assert needle in str(info.value), (exc, str(info.value))
+    for exc, needle in ((_client_error("NoSuchKey", FileNotFoundError), "does not exist"), (OSError(errno.EIO, "odd"), "odd")):
+        with pytest.raises(StorageError) as caught, translated("s3://b/k"):
+            raise exc
+        assert needle in str(caught.value) and not isinstance(caught.value, StorageUnavailable)
