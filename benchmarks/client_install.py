@@ -40,7 +40,7 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "client_install"
 #: what the server's wheel is built from (benchmarks, tests and local state are left out)
-SOURCES = ("catalog", "api", "workers", "plugins", "migrations", "samples", "client", "pyproject.toml", "README.md")
+SOURCES = ("catalog", "api", "workers", "plugins", "migrations", "samples", "client", "pyproject.toml", "README.md", "constraints.txt")
 IGNORED = shutil.ignore_patterns("build", "dist", "*.egg-info", "__pycache__", ".nds")
 
 
@@ -82,7 +82,8 @@ def measure(name: str, work: Path, src: Path, requirements: list[str], cli: str,
     venv = work / f"venv-{name}"
     subprocess.run([base_python(), "-m", "venv", str(venv)], check=True, env=clean_env(), timeout=300)
     python = venv / "bin" / "python"
-    args = [str(python), "-m", "pip", "install", "--quiet", *(["--no-cache-dir"] if no_cache else []), *requirements]
+    # the tested pins, as make install uses them (pip cannot resolve the boto3/aiobotocore ranges alone)
+    args = [str(python), "-m", "pip", "install", "--quiet", "-c", "constraints.txt", *(["--no-cache-dir"] if no_cache else []), *requirements]
     console.print(f"[bold]{name}[/]: pip install {escape(' '.join(requirements))}", highlight=False)
     start = time.perf_counter()
     done = subprocess.run(args, cwd=src, env=clean_env(), capture_output=True, text=True, timeout=3600)
