@@ -58,21 +58,43 @@ def write_error(key: str, exc: OSError) -> ArtifactError:
     return ArtifactError(f"cannot write artifact {key}: {reason}", hint="the server log has the details")
 
 
-class ArtifactStore:
+class _Files:
+    """What both stores share: files under relative keys in a local folder (the store itself,
+    or the cache of one in object storage), written through ``write_with``."""
+
+    remote: bool
+    uri: str
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._resolved_root = root.resolve()
+
+    def path(self, key: str) -> Path:
+        """Where ``key`` lives on this machine; ArtifactError when it leaves the store."""
+        target = (self._resolved_root / key).resolve()
+        if not target.is_relative_to(self._resolved_root) or target == self._resolved_root:
+            raise ArtifactError(f"artifact key {key!r} escapes the artifact store")
+        return target
+
+    def write_with(self, key: str, writer: Callable[[Path], object], *, durable: bool = True) -> Path:
+        raise NotImplementedError
+
+    def write_bytes(self, key: str, data: bytes) -> Path:
+        return self.write_with(key, lambda p: p.write_bytes(data))
+
+    def copy_in(self, key: str, source: Path) -> Path:
+        """Store the file ``source`` as ``key`` (a temp copy, fsync, rename; uploaded when the store is remote)."""
+        return self.write_with(key, lambda p: shutil.copyfile(source, p))
+
+
+class ArtifactStore(_Files):
     """The artifact store in a local (or shared) folder."""
 
     remote = False
 
     def __init__(self, root: Path) -> None:
-        self.root = root
+        super().__init__(root)
         self.uri = str(root)
-        self._resolved_root = root.resolve()
-
-    def path(self, key: str) -> Path:
-        target = (self._resolved_root / key).resolve()
-        if not target.is_relative_to(self._resolved_root):
-            raise ArtifactError(f"artifact key {key!r} escapes the artifact store")
-        return target
 
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
@@ -117,13 +139,6 @@ class ArtifactStore:
             writer(tmp)
         return target
 
-    def write_bytes(self, key: str, data: bytes) -> Path:
-        return self.write_with(key, lambda p: p.write_bytes(data))
-
-    def copy_in(self, key: str, source: Path) -> Path:
-        """Copy the file ``source`` into the store as ``key`` (temp file, fsync, rename)."""
-        return self.write_with(key, lambda p: shutil.copyfile(source, p))
-
     def delete(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)
 
@@ -150,26 +165,20 @@ def _mtime(info: dict) -> float | None:
     return None
 
 
-class RemoteArtifactStore:
-    """The artifact store in object storage, with a local cache (see the module docstring)."""
+class RemoteArtifactStore(_Files):
+    """The artifact store in object storage, with a local cache (see the module docstring):
+    :meth:`path` is a key's cache path, what :meth:`open_path` downloads to (writing it
+    directly stores nothing)."""
 
     remote = True
 
     def __init__(self, uri: str, cache: Path) -> None:
+        super().__init__(cache)  # the local cache: where path(key) points
         self.uri = storage.normalize(uri)
-        self.root = cache  # the local cache: where path(key) points
-        self._resolved_root = cache.resolve()
 
     def _fs(self) -> tuple[Any, str]:
         fs, base = storage.filesystem(self.uri)
         return fs, base.rstrip("/")
-
-    def path(self, key: str) -> Path:
-        """The cache path of ``key``: what :meth:`open_path` downloads to; writing it directly stores nothing."""
-        target = (self._resolved_root / key).resolve()
-        if not target.is_relative_to(self._resolved_root) or target == self._resolved_root:
-            raise ArtifactError(f"artifact key {key!r} escapes the artifact store")
-        return target
 
     def _object(self, key: str) -> str:
         target = self.path(key)
@@ -269,13 +278,6 @@ class RemoteArtifactStore:
                 os.utime(tmp, (mtime, mtime))
             os.replace(tmp, target)
         return target
-
-    def write_bytes(self, key: str, data: bytes) -> Path:
-        return self.write_with(key, lambda p: p.write_bytes(data))
-
-    def copy_in(self, key: str, source: Path) -> Path:
-        """Upload the file ``source`` as ``key`` (through a temp copy in the cache, which is kept)."""
-        return self.write_with(key, lambda p: shutil.copyfile(source, p))
 
     def delete(self, key: str) -> None:
         fs, _ = self._fs()

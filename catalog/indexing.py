@@ -254,8 +254,7 @@ def restore_status(ctx: CatalogContext, dataset_id: int | None) -> None:
         dataset = session.get(Dataset, dataset_id)
         if dataset is None or dataset.status != DatasetStatus.indexing:
             return
-        dataset.status = DatasetStatus.indexed if dataset.index_version > 0 else DatasetStatus.ready
-        dataset.updated_at = utcnow()
+        dataset.settle()
         backbone = dataset.backbone if dataset.index_version > 0 else None
     discard_uncommitted_points(ctx, dataset_id, backbone)
 
@@ -277,7 +276,7 @@ def restore_interrupted_indexing(ctx: CatalogContext) -> list[str]:
         live = datasets_with_live_jobs(session, "index") | datasets_with_live_jobs(session, "sync")  # a sync marks it indexing too
         stuck = [d for d in session.exec(select(Dataset).where(Dataset.status == DatasetStatus.indexing)).all() if d.id not in live]
         for dataset in stuck:
-            dataset.status = DatasetStatus.indexed if dataset.index_version > 0 else DatasetStatus.ready
+            dataset.settle()
         spaces = [(d.id, d.backbone if d.index_version > 0 else None) for d in stuck]
     for dataset_id, backbone in spaces:
         discard_uncommitted_points(ctx, dataset_id, backbone)

@@ -267,7 +267,9 @@ def mark_interrupted(ctx: CatalogContext, *, reason: str, alive: Callable[[int],
     mode); jobs of live processes (a CLI registering beside the server) are not touched.
     Called at start-up, before this process runs any job: a job that names this very pid
     was left by an earlier process that had it (a restarted container's server is pid 1
-    again), so it counts as dead."""
+    again), so it counts as dead. Each one's kind then undoes what it left (as after a job
+    that failed: a partial registration removed, a dataset held by an index or sync job put
+    back, what a sync stored but did not commit dropped)."""
     host, me = socket.gethostname(), os.getpid()
     judged = alive
 
@@ -281,7 +283,12 @@ def mark_interrupted(ctx: CatalogContext, *, reason: str, alive: Callable[[int],
             job.status = JobStatus.failed
             job.error = reason
             job.finished_at = utcnow()
-        return list(stale)
+        stale = list(stale)
+    for job in stale:
+        kind = job_kind(job.kind)
+        if kind is not None:
+            _undo(ctx, kind, job)
+    return stale
 
 
 def datasets_with_live_jobs(session: Session, kind: str) -> set[int]:

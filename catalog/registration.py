@@ -35,7 +35,7 @@ from nds.catalog.settings import Settings
 from nds.catalog.tables import Dataset, DatasetStatus, Job, Sample, utcnow
 from nds.plugins.contract import SkippedPart, Source, SourceItem
 from nds_client import storage
-from nds_client.errors import ConflictError, InvalidInputError, NDSError, PluginError, ServiceUnavailableError, SourceError
+from nds_client.errors import ConflictError, InvalidInputError, NDSError, PluginError, ServiceUnavailableError, SourceError, StorageMissing, StorageTooLarge
 from nds_client.images import DEFAULT_MAX_IMAGE_PIXELS, TooManyPixels, open_image
 
 log = logging.getLogger(__name__)
@@ -319,15 +319,34 @@ def scan_batch(pool: ThreadPoolExecutor, items: list[SourceItem], first: int, ro
                max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[ScannedImage]:
     """``scan_one`` over ``items`` (positions from ``first``), in order, ``chunk`` items per
     thread-pool task: a task per item costs more than the whole check of a missing file."""
-    def run(start: int) -> list[ScannedImage]:
-        return [scan_one(first + start + i, item, roots, max_file_bytes=max_file_bytes, max_pixels=max_pixels)
-                for i, item in enumerate(items[start : start + chunk])]
+    if not isinstance(roots, DataRoots):
+        roots = DataRoots(tuple(roots))
+    allowed: dict[str, bool] = {}  # container -> inside the roots, checked once per batch (a shard's members share one)
+    down: list[ServiceUnavailableError] = []  # the first "store is down": the other tasks stop at their next item
 
-    return [s for part in pool.map(run, range(0, len(items), chunk)) for s in part]
+    def run(start: int) -> list[ScannedImage]:
+        out = []
+        for i, item in enumerate(items[start : start + chunk]):
+            if down:
+                raise down[0]
+            try:
+                out.append(scan_one(first + start + i, item, roots, max_file_bytes=max_file_bytes, max_pixels=max_pixels, allowed=allowed))
+            except ServiceUnavailableError as exc:
+                down.append(exc)
+                raise
+        return out
+
+    try:
+        return [s for part in pool.map(run, range(0, len(items), chunk)) for s in part]
+    except ServiceUnavailableError:
+        if down:  # map cancelled the tasks not started; the running ones stopped at their next item
+            raise down[0] from None
+        raise
 
 
 def scan_one(position: int, item: SourceItem, roots: DataRoots | list[Path], *,
-             max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> ScannedImage:
+             max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+             allowed: dict[str, bool] | None = None) -> ScannedImage:
     """Check, decode and hash one item, in bounded memory: the file's size is checked
     before any byte is read (``max_file_bytes``), its header before any pixel is decoded
     (``max_pixels``); a file up to :data:`HASH_CHUNK` is read once, a larger one is decoded
@@ -337,7 +356,8 @@ def scan_one(position: int, item: SourceItem, roots: DataRoots | list[Path], *,
     if not isinstance(roots, DataRoots):
         roots = DataRoots(tuple(roots))
     if item.data is not None or item.shard is not None or storage.is_remote(item.uri):
-        return _scan_remote_or_member(position, item, roots, max_file_bytes=max_file_bytes, max_pixels=max_pixels)
+        return _scan_remote_or_member(position, item, roots, max_file_bytes=max_file_bytes, max_pixels=max_pixels,
+                                      allowed={} if allowed is None else allowed)
     local_roots = list(roots.local)
     shown = os.fsdecode(item.path).encode("utf-8", "backslashreplace").decode("utf-8")
     base = ScannedImage(position=position, uri=shown, label=item.label)
@@ -368,18 +388,10 @@ def scan_one(position: int, item: SourceItem, roots: DataRoots | list[Path], *,
                 if len(data) > size:  # it grew: stream it like a large one
                     data = None
                     fh.seek(0)
-            try:
-                with open_image(fh if data is None else data, max_pixels) as im:
-                    width, height = im.size
-                    im.draft(None, (max(width // 8, 1), max(height // 8, 1)))  # JPEG: decode at 1/8 scale; others ignore it
-                    im.load()
-            except TooManyPixels as exc:
-                return _skip(base, TOO_MANY_PIXELS, f"{exc.size[0]}x{exc.size[1]} = {exc.pixels:,} > {max_pixels:,}"
-                             if exc.size else f"{exc.pixels:,} > {max_pixels:,}")
-            except UnidentifiedImageError:
-                return _skip(base, "not an image")
-            except (OSError, ValueError, SyntaxError, EOFError):
-                return _skip(base, "corrupt image")
+            decoded = _decode(fh if data is None else data, max_pixels)
+            if isinstance(decoded[0], str):
+                return _skip(base, *decoded)
+            width, height = decoded
             if data is not None:
                 hashed = hashlib.sha256(data).hexdigest(), len(data)
             else:
@@ -402,13 +414,18 @@ def scan_one(position: int, item: SourceItem, roots: DataRoots | list[Path], *,
     )
 
 
-def _scan_remote_or_member(position: int, item: SourceItem, roots: DataRoots, *, max_file_bytes: int, max_pixels: int) -> ScannedImage:
+def _scan_remote_or_member(position: int, item: SourceItem, roots: DataRoots, *, max_file_bytes: int, max_pixels: int,
+                           allowed: dict[str, bool]) -> ScannedImage:
     """An object-storage file, or a sample inside a container (tar member, Parquet row):
-    its bytes come with the item (streamed by the source) or are read with one request."""
+    its bytes come with the item (streamed by the source) or are read with one request.
+    ``allowed`` remembers which containers lie inside the roots (for the batch being scanned)."""
     shown = item.uri.encode("utf-8", "backslashreplace").decode("utf-8")
     base = ScannedImage(position=position, uri=shown, label=item.label, shard=item.shard, offset=item.offset, meta=item.meta)
     container = item.shard or item.uri
-    if not roots.contains(container if storage.is_remote(container) else str(storage.local_path(container).resolve())):
+    inside = allowed.get(container)
+    if inside is None:
+        inside = allowed[container] = roots.contains(container if storage.is_remote(container) else str(storage.local_path(container).resolve()))
+    if not inside:
         return _skip(base, "outside the data roots")
     data = item.data
     if data is None:
@@ -419,28 +436,41 @@ def _scan_remote_or_member(position: int, item: SourceItem, roots: DataRoots, *,
             data = storage.read_location(location) if item.shard else storage.read_bytes(item.uri, limit=max_file_bytes)
         except ServiceUnavailableError:
             raise  # the store is down: the job fails with the reason (and is retried), nothing half-written stays
-        except NDSError as exc:
-            if "more than" in exc.message:
-                return _skip(base, TOO_LARGE, exc.message.rsplit(": ", 1)[-1])
+        except StorageTooLarge as exc:
+            return _skip(base, TOO_LARGE, exc.message.rsplit(": ", 1)[-1])
+        except StorageMissing:
+            return _skip(base, "missing or unresolvable")  # as a missing local file
+        except NDSError:
             return _skip(base, "unreadable")
     if not data:
         return _skip(base, "empty file")
     if len(data) > max_file_bytes:
         return _skip(base, TOO_LARGE, f"{len(data):,} > {max_file_bytes:,} bytes")
-    try:
-        with open_image(bytes(data), max_pixels) as im:
-            width, height = im.size
-            im.draft(None, (max(width // 8, 1), max(height // 8, 1)))
-            im.load()
-    except TooManyPixels as exc:
-        return _skip(base, TOO_MANY_PIXELS, f"{exc.size[0]}x{exc.size[1]} = {exc.pixels:,} > {max_pixels:,}"
-                     if exc.size else f"{exc.pixels:,} > {max_pixels:,}")
-    except UnidentifiedImageError:
-        return _skip(base, "not an image")
-    except (OSError, ValueError, SyntaxError, EOFError):
-        return _skip(base, "corrupt image")
+    decoded = _decode(bytes(data), max_pixels)
+    if isinstance(decoded[0], str):
+        return _skip(base, *decoded)
+    width, height = decoded
     return ScannedImage(position=position, uri=item.uri, label=item.label, width=width, height=height, byte_size=len(data),
                         sha256=hashlib.sha256(data).hexdigest(), shard=item.shard, offset=item.offset, meta=item.meta)
+
+
+def _decode(source: Any, max_pixels: int) -> tuple[int, int] | tuple[str, str | None]:
+    """Decode an image (bytes or a binary file) to check it, in bounded memory: its header is
+    checked before any pixel is decoded (``max_pixels``) and a JPEG decodes at 1/8 scale,
+    enough to find a truncated or corrupt one. ``(width, height)``, or ``(reason, detail)``
+    for :func:`_skip`."""
+    try:
+        with open_image(source, max_pixels) as im:
+            width, height = im.size
+            im.draft(None, (max(width // 8, 1), max(height // 8, 1)))  # JPEG: decode at 1/8 scale; others ignore it
+            im.load()
+    except TooManyPixels as exc:
+        return TOO_MANY_PIXELS, (f"{exc.size[0]}x{exc.size[1]} = {exc.pixels:,} > {max_pixels:,}" if exc.size else f"{exc.pixels:,} > {max_pixels:,}")
+    except UnidentifiedImageError:
+        return "not an image", None
+    except (OSError, ValueError, SyntaxError, EOFError):
+        return "corrupt image", None
+    return width, height
 
 
 def _sha256(fh: Any, limit: int) -> tuple[str, int] | None:

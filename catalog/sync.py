@@ -482,7 +482,7 @@ def commit_sync(ctx: CatalogContext, dataset_id: int, version: int, removed: Seq
         dataset.labels, dataset.num_labels = labels, len(labels)
         if version > 0:
             dataset.index_version = new_version
-        dataset.status = DatasetStatus.indexed if dataset.index_version > 0 else DatasetStatus.ready
+        dataset.settle()
         dataset.updated_at = utcnow()
     return new_version
 
@@ -611,7 +611,7 @@ def release(ctx: CatalogContext, dataset_id: int | None) -> None:
     with session_scope(ctx.engine) as session:
         dataset = session.get(Dataset, dataset_id)
         if dataset is not None and dataset.status == DatasetStatus.indexing:
-            dataset.status = DatasetStatus.indexed if dataset.index_version > 0 else DatasetStatus.ready
+            dataset.settle()
 
 
 def undo_sync(ctx: CatalogContext, dataset_id: int | None) -> None:

@@ -77,6 +77,11 @@ class Dataset(DatasetBase, table=True):
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
 
+    def settle(self) -> None:
+        """Out of a job's hold ('indexing'): 'indexed' when it has an active index, else 'ready'
+        (``updated_at`` is the caller's: a job that changed nothing leaves it)."""
+        self.status = DatasetStatus.indexed if self.index_version > 0 else DatasetStatus.ready
+
 
 class DatasetPublic(DatasetBase):
     id: int

@@ -175,6 +175,35 @@ class Source(ABC):
         anything. Override when counting is cheaper than listing (a manifest of 10^6 rows)."""
         return len(self.parts())
 
+    def locate(self, suffixes: tuple[str, ...], what: str, hint: str, *,
+               folder: Callable[[str], list[str]] | None = None) -> list[str]:
+        """The files the location names, sorted: every match of a glob (those ending in one of
+        ``suffixes``, compared lower-case), every name of a brace pattern (each must exist), the
+        files of a folder with those suffixes (or what ``folder`` lists for it), or the one file.
+        SourceError (field ``path``, with ``hint``) when it names none of ``what``."""
+        loc = self.location
+        globbed = any(c in loc for c in "*?[")
+        if globbed or "{" in loc:
+            try:
+                found = self.env.expand(loc)
+            except SourceError:
+                raise
+            except StorageError as exc:  # a brace pattern naming a missing file
+                raise SourceError(exc.message, field="path", hint=exc.hint or hint) from exc
+            if globbed:
+                found = [u for u in found if u.lower().endswith(suffixes)]
+            if not found:
+                raise SourceError(f"{loc} matches no {what}", field="path", hint=hint)
+            return found
+        if self.env.is_dir(loc):
+            found = folder(loc) if folder is not None else [u for u in self.env.list_files(loc) if u.lower().endswith(suffixes)]
+            if not found:
+                raise SourceError(f"{loc} holds no {what}", field="path", hint=hint)
+            return found
+        if not self.env.exists(loc):
+            raise SourceError(f"{loc} does not exist", field="path", hint=hint)
+        return [self.env.check(loc)]
+
     @abstractmethod
     def items(self, parts: Sequence[str] | None = None) -> Iterator[SourceItem | SkippedPart]:
         """Every candidate sample of ``parts`` (all when None), in a stable order; raises

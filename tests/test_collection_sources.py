@@ -418,6 +418,7 @@ def test_coco_img2dataset_and_save_to_disk_in_object_storage(s3ctx, bucket, tmp_
     coco, job = register(ctx, "coco", f"{prefix}/coco/annotations/instances_val.json", "coco")
     assert job.status == JobStatus.succeeded, job.error
     assert (coco.num_samples, coco.skipped) == (4, 1)
+    assert job.result["skipped_reasons"] == {"missing or unresolvable": 1}  # as in a local folder
     samples = samples_of(ctx, coco.id)
     assert samples[0].uri == f"{prefix}/coco/val/000000.png"
     assert [(s.label, s.meta["categories"]) for s in samples] == [e for i, e in enumerate(coco_expected(5)) if i != 3]

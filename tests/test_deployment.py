@@ -102,7 +102,20 @@ def test_dockerfile_installs_every_package():
     folders = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values()
     for name in [*folders, "client"]:
         assert re.search(rf"^COPY {name} \./{name}$", dockerfile, re.M), f"the image does not copy {name}/"
-    assert "pip install ./client ." in dockerfile and "USER nds" in dockerfile
+    assert re.search(r"^COPY [^\n]*\bconstraints\.txt\b", dockerfile, re.M), "the image does not copy constraints.txt"
+    assert "pip install -c constraints.txt ./client ." in dockerfile and "USER nds" in dockerfile
+
+
+def test_every_install_uses_the_pins():
+    """pip cannot resolve the dependency ranges from scratch in reasonable depth (boto3,
+    botocore and aiobotocore): every install the project runs takes constraints.txt."""
+    makefile = (ROOT / "Makefile").read_text()
+    installs = [line for line in makefile.splitlines() if "pip install" in line and "--upgrade pip" not in line and not line.startswith("#")]
+    assert installs and all("-c constraints" in line or "--no-deps" in line for line in installs), installs
+    pins = dict(line.split("==", 1) for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line)
+    assert pins["torch"] == "2.14.1" and pins["torchvision"] == "0.29.1"
+    for name in ("boto3", "botocore", "aiobotocore", "s3fs", "fsspec"):
+        assert name in pins, f"{name} is not pinned"
 
 
 # --------------------------------------------------------------------------- copy-to

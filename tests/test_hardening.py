@@ -258,7 +258,13 @@ def test_search_hits_carry_the_active_versions_clusters_and_abandoned_points_are
         job.owner = None  # a process that left no record counts as dead
     hits = search(ctx, vectors=[vectors[0].tolist()], k=len(ids))["results"][0]
     assert hits and {h["cluster"] for h in hits} <= {0, 1}  # the active version's clusters, never 3
-    mark_interrupted(ctx, reason="interrupted")
+    assert [j.id for j in mark_interrupted(ctx, reason="interrupted")] == [job.id]  # and its kind's undo ran
+    assert ctx.vectors.count("emb-abandoned", dataset_id=ds.dataset_id) == 0
+    assert restore_interrupted_indexing(ctx) == []  # nothing left for the sweep
+    # the sweep, for a dataset held with no job on record at all
+    with session_scope(ctx.engine) as session:
+        session.get(Dataset, ds.dataset_id).status = DatasetStatus.indexing
+    ctx.vectors.upsert("emb-abandoned", ids, vectors, [{"dataset_id": ds.dataset_id, "label": "a"} for _ in ids])
     assert restore_interrupted_indexing(ctx) == ["v"]
     assert ctx.vectors.count("emb-abandoned", dataset_id=ds.dataset_id) == 0
     assert ctx.vectors.count("emb-synthetic", dataset_id=ds.dataset_id) == len(ids)

@@ -156,7 +156,7 @@ def test_manifest_in_s3_with_s3_uris(s3ctx, tmp_path):
     dataset, job = register(ctx, "listed", f"{prefix}/lists/m.csv", source="manifest")
     assert job.status == JobStatus.succeeded, job.error
     # relative uris are relative to the manifest's folder: lists/imgs/a/1.png does not exist
-    assert job.result["skipped_reasons"] == {"outside the data roots": 1, "unreadable": 2}
+    assert job.result["skipped_reasons"] == {"outside the data roots": 1, "missing or unresolvable": 2}
     assert (dataset.num_samples, dataset.labels) == (2, ["x"])
     assert [r.uri for r in samples_of(ctx, dataset.id)] == [f"{prefix}/imgs/a/0.png", f"{prefix}/imgs/b/0.png"]
     dataset, job = register(ctx, "relative", f"{prefix}/imgs/lists-relative.csv", source="manifest")

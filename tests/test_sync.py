@@ -23,7 +23,7 @@ from sqlmodel import Session, select
 from nds.catalog import access
 from nds.catalog.db import session_scope
 from nds.catalog.indexing import IndexRequest, start_indexing
-from nds.catalog.jobs import InlineDispatcher, get_job
+from nds.catalog.jobs import InlineDispatcher, create_job, get_job
 from nds.catalog.registration import RegistrationRequest, open_source, start_registration, store_items
 from nds.catalog.retrieval.manifest import iter_manifest
 from nds.catalog.retrieval.queries import run_query
@@ -371,6 +371,26 @@ def test_what_a_dead_sync_stored_is_removed_by_the_next(ctx, indexed):
     assert job.status == JobStatus.succeeded, job.error
     assert (job.result["added"], dataset(ctx, dataset_id).num_samples) == (2, 18)
     assert sum(check_version(ctx, dataset_id, 2).values()) == 18
+
+
+def test_start_up_after_a_dead_sync_undoes_it(ctx, indexed):
+    """The embedded server starts after its process died in a sync: the job is marked failed
+    and its kind's undo runs (the stored rows dropped, the dataset 'indexed' again)."""
+    from nds.catalog.jobs import mark_interrupted
+
+    dataset_id, folder = indexed
+    before = snapshot(ctx, dataset_id)
+    add_images(folder, "b", 0, 2)
+    source = open_source(ctx, "imagefolder", str(folder))
+    new = [p for p in source.parts() if "new-" in p]
+    with session_scope(ctx.engine) as session:
+        session.get(Dataset, dataset_id).status = DatasetStatus.indexing
+        job = create_job(session, kind="sync", dataset_id=dataset_id)
+        job.status, job.owner = JobStatus.running, None  # a process that left no record counts as dead
+    store_items(ctx, dataset_id, source.items(new), first_position=100, total_parts=len(new))
+    assert [j.id for j in mark_interrupted(ctx, reason="interrupted")] == [job.id]
+    assert snapshot(ctx, dataset_id) == before
+    assert dataset(ctx, dataset_id).status == DatasetStatus.indexed
 
 
 def test_busy_datasets_are_409(ctx, data_root):

@@ -75,6 +75,14 @@ class StorageError(InvalidInputError):
         super().__init__(message, field=field, hint=hint)
 
 
+class StorageMissing(StorageError):
+    """The uri names nothing (no such file or object)."""
+
+
+class StorageTooLarge(StorageError):
+    """The file is larger than the limit the reader was given."""
+
+
 class PluginError(NDSError):
     pass
 

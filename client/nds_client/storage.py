@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import parse_qs, unquote, urlparse
 
-from nds_client.errors import InvalidInputError, NDSError, StorageError, StorageUnavailable
+from nds_client.errors import InvalidInputError, NDSError, StorageError, StorageMissing, StorageTooLarge, StorageUnavailable
 
 __all__ = [
-    "Location", "StorageError", "StorageUnavailable", "is_remote", "local_path", "join", "normalize", "filesystem",
+    "Location", "StorageError", "StorageMissing", "StorageTooLarge", "StorageUnavailable", "is_remote", "local_path", "join", "normalize", "filesystem",
     "open_input", "read_bytes", "read_range", "read_location", "exists", "is_dir", "size", "list_files", "expand",
     "shard_kind", "parquet_row_uri", "SEQUENTIAL_BLOCK",
 ]
@@ -163,7 +163,7 @@ def _translate(uri: str, exc: BaseException) -> NDSError:
     text = str(exc)
     code = _error_code(exc)
     if isinstance(exc, FileNotFoundError) and code not in _DENIED_CODES:
-        return StorageError(f"{uri} does not exist", hint="check the path")
+        return StorageMissing(f"{uri} does not exist", hint="check the path")
     if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
         return StorageUnavailable(f"{uri}: no credentials for the object store ({text})", hint=_CREDENTIALS_HINT)
     if code in _CREDENTIAL_CODES:
@@ -218,7 +218,7 @@ def read_bytes(uri: str, *, limit: int | None = None) -> bytes:
     if limit is not None:
         found = size(uri)
         if found > limit:
-            raise StorageError(f"{uri}: {found:,} bytes, more than {limit:,}")
+            raise StorageTooLarge(f"{uri}: {found:,} bytes, more than {limit:,}")
     if not is_remote(uri):
         with translated(uri):
             return local_path(uri).read_bytes()
@@ -314,7 +314,7 @@ def expand(pattern: str) -> list[str]:
                 out.extend(p for p in glob.glob(str(local_path(name)), recursive=True) if os.path.isfile(p))
         else:
             if not exists(name):
-                raise StorageError(f"{name} does not exist (named by the pattern {pattern})", hint="check the pattern's range")
+                raise StorageMissing(f"{name} does not exist (named by the pattern {pattern})", hint="check the pattern's range")
             out.append(normalize(name))
     return sorted(dict.fromkeys(out))
 

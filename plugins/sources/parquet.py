@@ -38,7 +38,7 @@ from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from nds.plugins.contract import SkippedPart, Source, SourceError, SourceItem, StorageError, image_value_bytes, parquet_row_uri
+from nds.plugins.contract import SkippedPart, Source, SourceError, SourceItem, image_value_bytes, parquet_row_uri
 from nds_client.errors import NDSError, ServiceUnavailableError
 from nds_client.storage import is_remote, join, translated
 
@@ -135,25 +135,7 @@ class ParquetSource(Source):
         return list(self._files)
 
     def _list_files(self) -> list[str]:
-        loc = self.location
-        globbed = any(c in loc for c in "*?[")
-        if globbed or "{" in loc:
-            try:
-                found = self.env.expand(loc)
-            except SourceError:
-                raise
-            except StorageError as exc:
-                raise SourceError(exc.message, field="path", hint=exc.hint or HINT) from exc
-            if globbed:
-                found = [u for u in found if u.lower().endswith((*SUFFIXES, ".arrow"))]
-            if not found:
-                raise SourceError(f"{loc} matches no Parquet files", field="path", hint=HINT)
-            return found
-        if self.env.is_dir(loc):
-            return self._folder_files(loc)
-        if not self.env.exists(loc):
-            raise SourceError(f"{loc} does not exist", field="path", hint=HINT)
-        return [self.env.check(loc)]
+        return self.locate((*SUFFIXES, ".arrow"), "Parquet files", HINT, folder=self._folder_files)
 
     def _folder_files(self, folder: str) -> list[str]:
         dict_file = join(folder, "dataset_dict.json")

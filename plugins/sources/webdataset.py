@@ -34,7 +34,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
-from nds.plugins.contract import IMAGE_SUFFIXES, SkippedPart, Source, SourceError, SourceItem, StorageError
+from nds.plugins.contract import IMAGE_SUFFIXES, SkippedPart, Source, SourceError, SourceItem
 from nds_client.errors import NDSError, ServiceUnavailableError
 
 log = logging.getLogger(__name__)
@@ -132,28 +132,7 @@ class WebDatasetSource(Source):
         return list(self._shards)
 
     def _list_shards(self) -> list[str]:
-        loc = self.location
-        globbed = any(c in loc for c in "*?[")
-        if globbed or "{" in loc:
-            try:
-                found = self.env.expand(loc)
-            except SourceError:
-                raise
-            except StorageError as exc:  # a brace pattern naming a missing shard
-                raise SourceError(exc.message, field="path", hint=exc.hint or HINT) from exc
-            if globbed:
-                found = [u for u in found if is_tar(u)]
-            if not found:
-                raise SourceError(f"{loc} matches no .tar shards", field="path", hint=HINT)
-            return found
-        if self.env.is_dir(loc):
-            found = [u for u in self.env.list_files(loc) if is_tar(u)]
-            if not found:
-                raise SourceError(f"{loc} holds no .tar shards", field="path", hint=HINT)
-            return found
-        if not self.env.exists(loc):
-            raise SourceError(f"{loc} does not exist", field="path", hint=HINT)
-        return [self.env.check(loc)]
+        return self.locate((".tar",), ".tar shards", HINT)
 
     # ------------------------------------------------------------------ items
 
