@@ -75,21 +75,35 @@ class Connection:
         params = {k: v for k, v in (params or {}).items() if v is not None}
         request = self._http.build_request(method, path, params=params, json=json_body)
         url = str(request.url)
+        answered = False  # the status and headers came: a later transport error broke off the body
         try:
             response = self._http.send(request, stream=stream)
             try:
                 if response.status_code >= 400:
                     response.read()
                     raise self._server_error(method, url, response)
+                answered = True
                 yield response
             finally:
                 response.close()
+        except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+            reason = str(exc) or type(exc).__name__
+            if answered:
+                raise ServerError(
+                    f"{method} {url}: the server broke off its answer part-way ({reason})", url=url, status_code=response.status_code,
+                    detail=reason, hint="the server's log says why (for an export of images: a selected sample that could not be read); "
+                                        "nothing was written; retry, or report it to the server's operator",
+                ) from None
+            raise ServerUnreachable(
+                f"cannot reach the server: {method} {url} failed: {reason}",
+                url=url, reason=reason, hint="check that `nds serve` is running there and that the URL (--server) is right",
+            ) from None
         except httpx.TimeoutException as exc:
             raise ServerUnreachable(
                 f"{method} {url} failed: no answer within {self.timeout:g} s ({type(exc).__name__})",
                 url=url, reason="timeout", hint="the server is slow or unreachable; retry, or raise the timeout",
             ) from None
-        except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+        except (httpx.ConnectError, httpx.WriteError) as exc:
             reason = str(exc) or type(exc).__name__
             raise ServerUnreachable(
                 f"cannot reach the server: {method} {url} failed: {reason}",
