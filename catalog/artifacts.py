@@ -142,13 +142,32 @@ class ArtifactStore(_Files):
     def delete(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)
 
+    def list_objects(self, prefix: str = "") -> list[StoredObject]:
+        """Every file under ``prefix`` (a key folder, '' for all), temp files left out, sorted by key."""
+        where = self._resolved_root / prefix.strip("/") if prefix.strip("/") else self._resolved_root
+        if not where.is_dir():
+            return []
+        out = []
+        for path in sorted(where.rglob("*")):
+            if path.is_file() and not is_temp_name(path.name):
+                st = path.stat()
+                out.append(StoredObject(path.relative_to(self._resolved_root).as_posix(), st.st_size, st.st_mtime, None))
+        return out
+
+    def stat(self, key: str) -> StoredObject | None:
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        st = path.stat()
+        return StoredObject(key, st.st_size, st.st_mtime, None)
+
 
 # --------------------------------------------------------------------------- object storage
 
 
 @dataclass(frozen=True)
 class StoredObject:
-    """One artifact of a :class:`RemoteArtifactStore`, as a listing shows it."""
+    """One artifact, as a store's listing shows it (the ETag only in object storage)."""
 
     key: str
     size: int

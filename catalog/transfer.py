@@ -111,22 +111,19 @@ def copy_vectors(source: CatalogContext, target: CatalogContext, report: Transfe
 
 
 def copy_artifacts(source: CatalogContext, target: CatalogContext, report: TransferReport, progress: ProgressFn | None = None) -> None:
-    root = source.artifacts.root
-    if not root.is_dir():
-        return
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not is_temp_name(p.name))
-    for i, path in enumerate(files, start=1):
-        key = path.relative_to(root).as_posix()
-        dest = target.artifacts.path(key)
-        size = path.stat().st_size
-        if dest.is_file() and dest.stat().st_size == size:
+    """Every artifact of the source's store (local or in object storage: listed there, not in its
+    cache) into the target's, skipping those already there with the same size."""
+    objects = [o for o in source.artifacts.list_objects() if not is_temp_name(o.key.rsplit("/", 1)[-1])]
+    for i, obj in enumerate(objects, start=1):
+        there = target.artifacts.stat(obj.key)
+        if there is not None and there.size == obj.size:
             report.files_kept += 1
         else:
-            target.artifacts.copy_in(key, path)
+            target.artifacts.copy_in(obj.key, source.artifacts.open_path(obj.key))
             report.files += 1
-            report.bytes += size
+            report.bytes += obj.size
         if progress:
-            progress("artifacts", i, len(files))
+            progress("artifacts", i, len(objects))
 
 
 def copy_catalog(source: CatalogContext, target: CatalogContext, *, progress: ProgressFn | None = None) -> TransferReport:

@@ -464,6 +464,18 @@ def test_artifacts_in_object_storage(tmp_path, data_root, bucket):  # noqa: F811
         rerun = get_job(session, again.id)
     assert rerun.status == JobStatus.succeeded and all(c["reused"] for c in rerun.result["clusters"]), rerun.result
 
+    from nds.catalog.transfer import copy_catalog
+
+    shutil.rmtree(settings.artifacts_path, ignore_errors=True)  # `nds db copy-to` lists the bucket, not the cache
+    target = load_settings(home=tmp_path / "copy", database_url=None, qdrant_url=None, broker_url=None, data_roots=[data_root])
+    upgrade(target)
+    with CatalogContext.open(target) as dst:
+        report = copy_catalog(ctx, dst)
+        copied = {o.key: o.size for o in dst.artifacts.list_objects()}
+    in_bucket = {k.removeprefix("artifacts/") for k in bucket.keys("artifacts/")}
+    assert in_bucket and set(copied) == in_bucket and report.files == len(in_bucket), (sorted(in_bucket ^ set(copied)), report)
+    assert all(copied[f"{e.artifact}"] == len(bucket.get(f"artifacts/{e.artifact}")) for e in experts)
+
     stray = ctx.artifacts.write_bytes("experts/999/stray.onnx", b"x" * 10)  # no row names it
     assert stray.is_file()
     young = gc(ctx)
