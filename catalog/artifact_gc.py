@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import logging
 import os
-import stat as stat_mod
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -50,7 +49,7 @@ from pathlib import PurePosixPath
 
 from sqlalchemy import select
 
-from nds.catalog.artifacts import is_temp_name
+from nds.catalog.artifacts import is_temp_name, walk_files
 from nds.catalog.context import CatalogContext
 from nds.catalog.retrieval.picks import PICKS_PREFIX, picks_key
 from nds.catalog.spaces import PUBLISHED
@@ -114,20 +113,13 @@ def _pointer_targets(ctx: CatalogContext) -> set[str]:
     import json
 
     found: set[str] = set()
-    if ctx.artifacts.remote:
-        names = [o.key.split("/", 1)[1] for o in ctx.artifacts.list_objects("backbones") if o.key.count("/") == 1]
-        pointers = [(n, lambda n=n: ctx.artifacts.open_path(f"backbones/{n}").read_text()) for n in names if n.endswith(".json")]
-    else:
-        folder = ctx.artifacts.root / "backbones"
-        if not folder.is_dir():
-            return found
-        pointers = [(e.name, e.read_text) for e in folder.iterdir() if e.suffix == ".json" and e.is_file()]
-    for name, read in pointers:
-        if is_temp_name(name):
+    names = [o.key.split("/", 1)[1] for o in ctx.artifacts.list_objects("backbones") if o.key.count("/") == 1]
+    for name in names:
+        if is_temp_name(name) or not name.endswith(".json"):
             continue
         found.add(f"backbones/{name}")
         try:
-            target = json.loads(read()).get("artifact")
+            target = json.loads(ctx.artifacts.open_path(f"backbones/{name}").read_text()).get("artifact")
         except (OSError, ValueError, AttributeError, NotFoundError):
             continue
         if isinstance(target, str):
@@ -158,21 +150,7 @@ def _listing(ctx: CatalogContext) -> Iterable[tuple[str, os.stat_result | _Objec
         return [(o.key, _ObjectStat(o.size, o.mtime, o.etag)) for o in ctx.artifacts.list_objects()]
     if not ctx.artifacts.root.is_dir():
         return None
-    return _walk(ctx.artifacts.root)
-
-
-def _walk(root: os.PathLike[str] | str) -> Iterable[tuple[str, os.stat_result]]:
-    """(key, lstat) of every regular file under ``root`` (symlinks are not followed nor listed)."""
-    base = os.fspath(root)
-    for folder, _dirs, files in os.walk(base):
-        for name in files:
-            path = os.path.join(folder, name)
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                continue
-            if stat_mod.S_ISREG(st.st_mode):
-                yield PurePosixPath(os.path.relpath(path, base)).as_posix(), st
+    return walk_files(ctx.artifacts.root)
 
 
 def gc(

@@ -28,12 +28,13 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat as stat_mod
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from nds_client import storage
@@ -56,6 +57,21 @@ def write_error(key: str, exc: OSError) -> ArtifactError:
         return StorageFullError(f"the server's storage is full: cannot write artifact {key} ({reason})",
                                 hint="retry later; an operator can free space, e.g. with 'nds artifacts gc'")
     return ArtifactError(f"cannot write artifact {key}: {reason}", hint="the server log has the details")
+
+
+def walk_files(root: os.PathLike[str] | str) -> Iterable[tuple[str, os.stat_result]]:
+    """(key, lstat) of every regular file under the local folder ``root`` (temp files included;
+    symlinks are neither followed nor listed)."""
+    base = os.fspath(root)
+    for folder, _dirs, files in os.walk(base):
+        for name in files:
+            path = os.path.join(folder, name)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if stat_mod.S_ISREG(st.st_mode):
+                yield PurePosixPath(os.path.relpath(path, base)).as_posix(), st
 
 
 class _Files:
@@ -144,15 +160,10 @@ class ArtifactStore(_Files):
 
     def list_objects(self, prefix: str = "") -> list[StoredObject]:
         """Every file under ``prefix`` (a key folder, '' for all), temp files left out, sorted by key."""
-        where = self._resolved_root / prefix.strip("/") if prefix.strip("/") else self._resolved_root
-        if not where.is_dir():
-            return []
-        out = []
-        for path in sorted(where.rglob("*")):
-            if path.is_file() and not is_temp_name(path.name):
-                st = path.stat()
-                out.append(StoredObject(path.relative_to(self._resolved_root).as_posix(), st.st_size, st.st_mtime, None))
-        return out
+        folder = prefix.strip("/")
+        where = self._resolved_root / folder if folder else self._resolved_root
+        found = [(f"{folder}/{key}" if folder else key, st) for key, st in walk_files(where) if not is_temp_name(key.rsplit("/", 1)[-1])]
+        return [StoredObject(key, st.st_size, st.st_mtime, None) for key, st in sorted(found)]
 
     def stat(self, key: str) -> StoredObject | None:
         path = self.path(key)

@@ -437,7 +437,7 @@ def _scan_remote_or_member(position: int, item: SourceItem, roots: DataRoots, *,
         except ServiceUnavailableError:
             raise  # the store is down: the job fails with the reason (and is retried), nothing half-written stays
         except StorageTooLarge as exc:
-            return _skip(base, TOO_LARGE, exc.message.rsplit(": ", 1)[-1])
+            return _skip(base, TOO_LARGE, f"{exc.size:,} bytes, more than {exc.limit:,}")
         except StorageMissing:
             return _skip(base, "missing or unresolvable")  # as a missing local file
         except NDSError:

@@ -50,7 +50,7 @@ from sqlmodel import Session, col, select
 from nds.catalog.context import CatalogContext
 from nds.catalog.db import session_scope
 from nds.catalog.index_options import IndexRequest
-from nds.catalog.indexing import discard_uncommitted_points, resolve_backbone
+from nds.catalog.indexing import resolve_backbone, restore_status
 from nds.catalog.jobs import GPU, JobFailed, JobKind, JobReporter, create_job, register_job_kind
 from nds.catalog.registration import MAX_LISTED_SKIPS, StoredScan, open_source, store_items
 from nds.catalog.tables import Assignment, Cluster, Dataset, DatasetStatus, Expert, Group, Job, JobStatus, Sample, utcnow
@@ -622,10 +622,8 @@ def undo_sync(ctx: CatalogContext, dataset_id: int | None) -> None:
         dataset = session.get(Dataset, dataset_id)
         if dataset is None or dataset.status != DatasetStatus.indexing:
             return
-        space = dataset.backbone if dataset.index_version > 0 else None
     drop_uncommitted_samples(ctx, dataset_id)
-    release(ctx, dataset_id)
-    discard_uncommitted_points(ctx, dataset_id, space)  # as after a failed index job
+    restore_status(ctx, dataset_id)  # as after a failed index job: its status back, points outside its space dropped
 
 
 register_job_kind(JobKind(SYNC, handler=run_sync, queue_class=GPU, undo=undo_sync))

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from sqlalchemy import Integer, Table, func, select, text
 from sqlmodel import SQLModel
 
-from nds.catalog.artifacts import is_temp_name
 from nds.catalog.context import CatalogContext
 from nds.catalog.tables import Assignment, Dataset, Sample
 from nds.catalog.vectors import collection_name
@@ -113,7 +112,7 @@ def copy_vectors(source: CatalogContext, target: CatalogContext, report: Transfe
 def copy_artifacts(source: CatalogContext, target: CatalogContext, report: TransferReport, progress: ProgressFn | None = None) -> None:
     """Every artifact of the source's store (local or in object storage: listed there, not in its
     cache) into the target's, skipping those already there with the same size."""
-    objects = [o for o in source.artifacts.list_objects() if not is_temp_name(o.key.rsplit("/", 1)[-1])]
+    objects = source.artifacts.list_objects()
     for i, obj in enumerate(objects, start=1):
         there = target.artifacts.stat(obj.key)
         if there is not None and there.size == obj.size:

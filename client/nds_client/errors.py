@@ -80,7 +80,11 @@ class StorageMissing(StorageError):
 
 
 class StorageTooLarge(StorageError):
-    """The file is larger than the limit the reader was given."""
+    """The file is larger than the limit the reader was given (``size`` and ``limit``, in bytes)."""
+
+    def __init__(self, uri: str, size: int, limit: int) -> None:
+        super().__init__(f"{uri}: {size:,} bytes, more than {limit:,}")
+        self.size, self.limit = size, limit
 
 
 class PluginError(NDSError):

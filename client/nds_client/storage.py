@@ -218,7 +218,7 @@ def read_bytes(uri: str, *, limit: int | None = None) -> bytes:
     if limit is not None:
         found = size(uri)
         if found > limit:
-            raise StorageTooLarge(f"{uri}: {found:,} bytes, more than {limit:,}")
+            raise StorageTooLarge(uri, found, limit)
     if not is_remote(uri):
         with translated(uri):
             return local_path(uri).read_bytes()

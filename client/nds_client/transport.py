@@ -86,25 +86,19 @@ class Connection:
                 yield response
             finally:
                 response.close()
-        except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
-            reason = str(exc) or type(exc).__name__
-            if answered:
-                raise ServerError(
-                    f"{method} {url}: the server broke off its answer part-way ({reason})", url=url, status_code=response.status_code,
-                    detail=reason, hint="the server's log says why (for an export of images: a selected sample that could not be read); "
-                                        "nothing was written; retry, or report it to the server's operator",
-                ) from None
-            raise ServerUnreachable(
-                f"cannot reach the server: {method} {url} failed: {reason}",
-                url=url, reason=reason, hint="check that `nds serve` is running there and that the URL (--server) is right",
-            ) from None
         except httpx.TimeoutException as exc:
             raise ServerUnreachable(
                 f"{method} {url} failed: no answer within {self.timeout:g} s ({type(exc).__name__})",
                 url=url, reason="timeout", hint="the server is slow or unreachable; retry, or raise the timeout",
             ) from None
-        except (httpx.ConnectError, httpx.WriteError) as exc:
+        except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
             reason = str(exc) or type(exc).__name__
+            if answered and isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError):
+                raise ServerError(
+                    f"{method} {url}: the server broke off its answer part-way ({reason})", url=url, status_code=response.status_code,
+                    detail=reason, hint="the server's log says why (for an export of images: a selected sample that could not be read); "
+                                        "nothing was written; retry, or report it to the server's operator",
+                ) from None
             raise ServerUnreachable(
                 f"cannot reach the server: {method} {url} failed: {reason}",
                 url=url, reason=reason, hint="check that `nds serve` is running there and that the URL (--server) is right",
