@@ -627,15 +627,42 @@ def experts_list(
 
 @jobs_app.command("show")
 @handles_errors
-def jobs_show(job_id: str) -> None:
-    """Print a job as JSON."""
+def jobs_show(
+    job_id: str,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the job as JSON (what GET /v1/jobs/ID returns).")] = False,
+) -> None:
+    """Show a job: status, step, progress and error, and, for a job that runs as tasks over the workers, each task's state, worker and seconds."""
     from sqlmodel import Session
 
     from nds.catalog.jobs import get_job
-    from nds.catalog.tables import JobPublic
+    from nds.catalog.task_graph import job_view
 
     with open_ctx() as ctx, Session(ctx.engine) as session:
-        print_json(JobPublic.model_validate(get_job(session, job_id)).model_dump(mode="json"))
+        view = job_view(session, get_job(session, job_id))
+    if as_json:
+        print_json(view.model_dump(mode="json"))
+        return
+    out.print(f"job {view.id} ({view.kind}, dataset {view.dataset_id}): {view.status.value}, {view.progress:.0%}"
+              + (f", step {view.step}" if view.step else "") + (f"\n  error: {view.error}" if view.error else ""), highlight=False)
+    if view.tasks:
+        table = Table(title=f"{len(view.tasks)} tasks")
+        for column in ("task", "state", "worker", "tries", "seconds", "progress", "error"):
+            table.add_column(column, justify="right" if column in ("tries", "seconds", "progress") else "left")
+        for t in view.tasks:
+            table.add_row(t.name, t.state.value, t.worker or "", str(t.attempts), "" if t.seconds is None else f"{t.seconds:.1f}",
+                          f"{t.progress:.0%}", t.error or "")
+        out.print(table)
+
+
+@jobs_app.command("cancel")
+@handles_errors
+def jobs_cancel(job_id: str) -> None:
+    """Cancel a queued or running job: what has not run is revoked and the dataset is left as it was before it."""
+    from nds.catalog.jobs import cancel_job
+
+    with open_ctx() as ctx:
+        job = cancel_job(ctx, job_id, by="the command line")
+    out.print(f"job {job.id} ({job.kind}) {job.status.value}", highlight=False)
 
 
 # --------------------------------------------------------------------------- artifacts
@@ -754,7 +781,7 @@ def worker(
     argv = [
         sys.executable, "-m", "celery", "-A", "nds.workers.celery_app", "worker",
         "--queues", queues, "--concurrency", str(concurrency), "--prefetch-multiplier", "1",
-        "--loglevel", loglevel, "--without-gossip", "--without-mingle",
+        "--loglevel", loglevel, "--without-gossip", "--without-mingle", "--hostname", f"nds{os.getpid()}@%h",  # one name per worker
     ]
     os.execv(sys.executable, argv)
 

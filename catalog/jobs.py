@@ -27,11 +27,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import Engine, update
+from sqlalchemy import select as sa_select
 from sqlmodel import Session, select
 
 from nds.catalog.db import session_scope, unavailable_database
-from nds.catalog.tables import Job, JobStatus, utcnow
-from nds_client.errors import NDSError, NotFoundError, ServiceUnavailableError
+from nds.catalog.tables import Job, JobStatus, JobTask, utcnow
+from nds_client.errors import ConflictError, NDSError, NotFoundError, ServiceUnavailableError
 
 if TYPE_CHECKING:
     from nds.catalog.context import CatalogContext
@@ -54,15 +55,31 @@ class JobHandler(Protocol):
 JobUndo = Callable[["CatalogContext", "int | None"], None]
 
 
+#: Hands a task of a job's graph to whatever runs it: (job id, task name, queue class).
+Sender = Callable[[str, str, str], None]
+
+
+class GraphStart(Protocol):
+    """A kind that runs as a graph of tasks (:class:`nds.catalog.task_graph.Graph`): ``start``
+    plans the job's tasks and sends the first ones (or, with no sender, runs them all here)."""
+
+    def start(self, ctx: CatalogContext, job: Job, send: Sender | None, worker: str | None) -> None: ...
+
+    def cleanup(self, ctx: CatalogContext, job: Job) -> None:
+        """Remove what the job's tasks left for each other, once it ended without committing."""
+
+
 @dataclass(frozen=True)
 class JobKind:
     """One kind of job: the function that runs it, what it needs to run on (one of
-    :data:`QUEUE_CLASSES`), and what undoes its side effects on its dataset when it fails."""
+    :data:`QUEUE_CLASSES`), and what undoes its side effects on its dataset when it fails.
+    A kind with a ``graph`` runs as tasks over the workers and has no ``handler``."""
 
     name: str
-    handler: JobHandler
+    handler: JobHandler | None
     queue_class: str
     undo: JobUndo | None = None
+    graph: GraphStart | None = None
 
 
 _KINDS: dict[str, JobKind] = {}
@@ -91,6 +108,11 @@ def transient_error(exc: BaseException) -> ServiceUnavailableError | None:
 
 class JobFailed(NDSError):
     """Raised by a handler to fail its job with a message for the user (no traceback kept)."""
+
+
+class JobCancelled(NDSError):
+    """Raised by a job's progress report once the job was cancelled (or failed by another of
+    its tasks): the work stops where it is, and what it wrote is cleaned up."""
 
 
 def this_process() -> str:
@@ -130,9 +152,11 @@ def get_job(session: Session, job_id: str) -> Job:
 class JobReporter:
     """Writes a job's step and progress, at most every ``interval`` seconds unless forced."""
 
-    def __init__(self, engine: Engine, job_id: str, *, interval: float = 0.5, listener: ProgressCallback | None = None) -> None:
+    def __init__(self, engine: Engine, job_id: str, *, interval: float = 0.5, listener: ProgressCallback | None = None,
+                 task: str | None = None) -> None:
         self.engine = engine
         self.job_id = job_id
+        self.task = task  # a task of the job's graph: its own row gets the progress
         self.interval = interval
         self.listener = listener
         self.step_name: str | None = None
@@ -157,9 +181,14 @@ class JobReporter:
         if force or now - self._last_write >= self.interval:
             self._last_write = now
             with self.engine.begin() as conn:
-                conn.execute(
-                    update(Job).where(Job.id == self.job_id).values(step=self.step_name, progress=round(fraction, 4))
-                )
+                if self.task is None:
+                    conn.execute(update(Job).where(Job.id == self.job_id).values(step=self.step_name, progress=round(fraction, 4)))
+                else:
+                    conn.execute(update(JobTask).where(JobTask.job_id == self.job_id, JobTask.name == self.task)
+                                 .values(progress=round(fraction, 4)))
+                status = conn.execute(sa_select(Job.status).where(Job.id == self.job_id)).scalar()
+            if status is None or JobStatus(status).finished:
+                raise JobCancelled(f"job {self.job_id} was {'deleted' if status is None else JobStatus(status).value}; its work stops")
 
 
 def run_job(
@@ -169,6 +198,7 @@ def run_job(
     listener: ProgressCallback | None = None,
     worker: str | None = None,
     retry_transient: bool = False,
+    send: Sender | None = None,
 ) -> Job:
     """Run one job to completion; never raises for a failure of the job itself.
 
@@ -178,12 +208,15 @@ def run_job(
     reason in ``error``, nothing is undone, and the error is raised (as a
     :class:`ServiceUnavailableError`) for the runner to try again.
 
+    A kind with a graph is planned here and its tasks are handed to ``send`` (server mode),
+    or, with no sender, run here one after the other; the graph's last task finishes the job.
+
     Idempotent: a job that already succeeded is not run again (a redelivered Celery task).
     """
     with session_scope(ctx.engine) as session:
         job = get_job(session, job_id)
-        if job.status in (JobStatus.succeeded, JobStatus.failed):
-            return job  # it ended (a redelivered task, or one failed and undone while it waited)
+        if job.status.finished:
+            return job  # it ended (a redelivered task, one failed and undone while it waited, or cancelled)
         kind = job_kind(job.kind)
         job.status = JobStatus.running
         job.started_at = utcnow()
@@ -194,6 +227,12 @@ def run_job(
     if kind is None:
         return _finish(ctx, job_id, error=f"no handler for job kind '{job.kind}'")
     try:
+        if kind.graph is not None:
+            kind.graph.start(ctx, job, send, worker)
+            with session_scope(ctx.engine) as session:
+                return get_job(session, job_id)
+        if kind.handler is None:
+            raise JobFailed(f"job kind '{job.kind}' has neither a handler nor a graph")
         result = kind.handler(ctx, job, reporter)
     except BaseException as exc:
         transient = transient_error(exc) if retry_transient else None
@@ -203,7 +242,11 @@ def run_job(
             if transient is exc:
                 raise
             raise transient from exc
-        _undo(ctx, kind, job)
+        if isinstance(exc, JobCancelled):
+            undo_job(ctx, kind, job)  # cancel_job recorded why
+            with session_scope(ctx.engine) as session:
+                return get_job(session, job_id)
+        undo_job(ctx, kind, job)
         if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: the process is going away
             raise
         if isinstance(exc, NDSError):
@@ -215,7 +258,8 @@ def run_job(
     return _finish(ctx, job_id, result=result)
 
 
-def _undo(ctx: CatalogContext, kind: JobKind, job: Job) -> None:
+def undo_job(ctx: CatalogContext, kind: JobKind, job: Job) -> None:
+    """Run the kind's undo for a job that failed or was cancelled; its own errors go to the log."""
     if kind.undo is None:
         return
     try:
@@ -239,6 +283,8 @@ def _requeue(ctx: CatalogContext, job_id: str, *, reason: str) -> None:
 def _finish(ctx: CatalogContext, job_id: str, *, result: dict[str, Any] | None = None, error: str | None = None) -> Job:
     with session_scope(ctx.engine) as session:
         job = get_job(session, job_id)
+        if job.status == JobStatus.cancelled:
+            return job  # cancelled while its last step ran: that stands
         job.status = JobStatus.failed if error else JobStatus.succeeded
         job.error = error
         if result is not None:
@@ -287,7 +333,7 @@ def mark_interrupted(ctx: CatalogContext, *, reason: str, alive: Callable[[int],
     for job in stale:
         kind = job_kind(job.kind)
         if kind is not None:
-            _undo(ctx, kind, job)
+            undo_job(ctx, kind, job)
     return stale
 
 
@@ -302,7 +348,36 @@ def orphaned_jobs(ctx: CatalogContext, *, host: str, alive: Callable[[int], bool
     """Ids of jobs marked running by a process of ``host`` that no longer exists."""
     with session_scope(ctx.engine) as session:
         running = session.exec(select(Job).where(Job.status == JobStatus.running, Job.worker.like(f"{host}:%"))).all()
-        return [job.id for job in running if job_process_dead(job, host=host, alive=alive)]
+        graphs = set(session.exec(select(JobTask.job_id).where(JobTask.job_id.in_([j.id for j in running])).distinct()).all()) if running else set()
+        # a job of tasks is recovered task by task (nds.catalog.task_graph.orphaned_tasks)
+        return [job.id for job in running if job.id not in graphs and job_process_dead(job, host=host, alive=alive)]
+
+
+def cancel_job(ctx: CatalogContext, job_id: str, *, by: str = "a user") -> Job:
+    """Cancel a queued or running job: its tasks that have not run are revoked (their messages,
+    when they arrive, find the job cancelled and do nothing), a running task stops at its next
+    progress report, and the kind's undo leaves the dataset as it was before the job.
+    A job that has ended cannot be cancelled (ConflictError)."""
+    with session_scope(ctx.engine) as session:
+        job = session.get(Job, job_id, with_for_update=True)
+        if job is None:
+            raise NotFoundError(f"no job {job_id}")
+        if job.status.finished:
+            raise ConflictError(f"job {job_id} has already {job.status.value}", hint="only a queued or running job can be cancelled")
+        now = utcnow()
+        job.status, job.error, job.finished_at = JobStatus.cancelled, f"cancelled by {by}", now
+        for task in session.exec(select(JobTask).where(JobTask.job_id == job_id)).all():
+            if task.state in ("pending", "queued"):
+                task.state, task.finished_at = "revoked", now
+        kind = job_kind(job.kind)
+        session.flush()
+        session.expunge(job)
+    if kind is not None:
+        undo_job(ctx, kind, job)
+        if kind.graph is not None:
+            kind.graph.cleanup(ctx, job)
+    with session_scope(ctx.engine) as session:
+        return get_job(session, job_id)
 
 
 class Dispatcher(Protocol):
@@ -324,7 +399,7 @@ def submit_or_undo(ctx: CatalogContext, dispatcher: Dispatcher, job: Job) -> Non
             stored.status, stored.error = JobStatus.failed, "the job could not be queued"
         kind = job_kind(job.kind)
         if kind is not None:
-            _undo(ctx, kind, job)
+            undo_job(ctx, kind, job)
         raise
 
 

@@ -29,10 +29,11 @@ from sqlmodel import select
 from nds.catalog.context import CatalogContext
 from nds.catalog.datasets import check_name, purge_rows
 from nds.catalog.db import session_scope
-from nds.catalog.jobs import CPU, JobFailed, JobKind, JobReporter, create_job, datasets_with_live_jobs, register_job_kind
+from nds.catalog.jobs import CPU, JobFailed, JobKind, create_job, datasets_with_live_jobs, register_job_kind
 from nds.catalog.paths import DataRoots, within
 from nds.catalog.settings import Settings
 from nds.catalog.tables import Dataset, DatasetStatus, Job, Sample, utcnow
+from nds.catalog.task_graph import Graph, TaskRun, TaskSpec
 from nds.plugins.contract import SkippedPart, Source, SourceItem
 from nds_client import storage
 from nds_client.errors import ConflictError, InvalidInputError, NDSError, PluginError, ServiceUnavailableError, SourceError, StorageMissing, StorageTooLarge
@@ -130,38 +131,98 @@ def start_registration(ctx: CatalogContext, request: RegistrationRequest) -> tup
     return dataset, job
 
 
-def run_registration(ctx: CatalogContext, job: Job, report: JobReporter) -> dict[str, Any]:
-    """The job: scan, decode and store every sample of the job's dataset.
+# --------------------------------------------------------------------------- the graph
+#
+# scan:0..C-1 (cpu queue, side by side) -> commit. Each scan task reads one chunk of the
+# source's sorted parts (shards, files) and stores its samples at positions from
+# chunk << POSITION_BITS, so the chunks keep the source's order without knowing each other's
+# sizes; the commit adds their counts up and makes the dataset ready, once.
 
-    The dataset stays ``registering`` (not ready for indexing or queries) until the last
-    batch is in; if the job fails, or its process dies, its rows are removed (by
-    :func:`remove_partial_dataset`, the undo of its job kind, or by the next process that
-    starts), so a registration is either complete or absent."""
-    dataset_id = job.dataset_id
+SCAN, COMMIT = "scan", "commit"
+#: at most this many scanning tasks per registration (a folder of 10^6 files is 256 chunks, not 62,500)
+MAX_SCAN_TASKS = 256
+#: a chunk's samples take positions [chunk << 32, (chunk + 1) << 32): order keys, not counts
+POSITION_BITS = 32
+
+
+def _parts_digest(parts: list[str]) -> str:
+    return hashlib.sha256("\n".join(parts).encode("utf-8", "surrogateescape")).hexdigest()  # names not UTF-8 are skipped later
+
+
+def plan_registration(ctx: CatalogContext, job: Job) -> list[TaskSpec]:
+    """One scanning task per chunk of ``NDS_REGISTER_CHUNK_PARTS`` parts (at most
+    :data:`MAX_SCAN_TASKS`), then one commit."""
+    name, uri, source_name, options = _dataset_source(ctx, job.dataset_id)
+    parts = open_source(ctx, source_name, uri, options).parts()
+    if not parts:
+        raise JobFailed(f"no readable images in {uri} (no files)")
+    size = max(ctx.settings.register_chunk_parts, -(-len(parts) // MAX_SCAN_TASKS))
+    digest = _parts_digest(parts)
+    scans = [TaskSpec(f"{SCAN}:{c}", CPU, (), {"lo": lo, "hi": min(lo + size, len(parts)), "parts": len(parts), "digest": digest},
+                      weight=(min(lo + size, len(parts)) - lo) / len(parts) * 10)
+             for c, lo in enumerate(range(0, len(parts), size))]
+    return [*scans, TaskSpec(COMMIT, CPU, tuple(t.name for t in scans), weight=0.1)]
+
+
+def _dataset_source(ctx: CatalogContext, dataset_id: int | None) -> tuple[str, str, str, dict[str, str]]:
     with session_scope(ctx.engine) as session:
         dataset = session.get(Dataset, dataset_id)
         if dataset is None:
             raise JobFailed(f"dataset {dataset_id} no longer exists")
-        name, uri, source_name, options = dataset.name, dataset.uri, dataset.source, dict(dataset.options or {})
-        session.exec(delete(Sample).where(Sample.dataset_id == dataset_id))  # a redelivered job starts clean
-    report.step("scan", start=0.0, end=1.0)
+        return dataset.name, dataset.uri, dataset.source, dict(dataset.options or {})
+
+
+def task_scan(ctx: CatalogContext, job: Job, task: TaskRun) -> dict[str, Any]:
+    """Scan, decode and store one chunk of the source's parts. A redelivered task starts its
+    chunk clean; a source whose parts changed since the job was planned fails the job."""
+    _, uri, source_name, options = _dataset_source(ctx, job.dataset_id)
+    chunk = int(task.name.partition(":")[2])
+    lo, hi = int(task.params["lo"]), int(task.params["hi"])
     source = open_source(ctx, source_name, uri, options)
-    total = max(int((job.params or {}).get("parts") or (job.params or {}).get("candidates") or 0), 1)
-    scan = store_items(ctx, dataset_id, source.items(), first_position=0, total_parts=total, progress=report.progress)
+    parts = source.parts()
+    if len(parts) != task.params["parts"] or _parts_digest(parts) != task.params["digest"]:
+        raise JobFailed(f"the files of {uri} changed while it was being registered ({task.params['parts']} parts, now {len(parts)})",
+                        hint="register it again once it is complete")
+    first = chunk << POSITION_BITS
+    with session_scope(ctx.engine) as session:
+        session.exec(delete(Sample).where(Sample.dataset_id == job.dataset_id, Sample.position >= first,
+                                          Sample.position < first + (1 << POSITION_BITS)))
+    items = source.items() if (lo, hi) == (0, len(parts)) else source.items(parts[lo:hi])  # one chunk: any source's items()
+    scan = store_items(ctx, job.dataset_id, items, first_position=first, total_parts=hi - lo,
+                       progress=task.report.progress)
+    return {"stored": scan.stored, "labels": sorted(scan.labels), "reasons": dict(scan.reasons), "listed": scan.listed,
+            "skipped_parts": scan.skipped_parts}
+
+
+def task_commit(ctx: CatalogContext, job: Job, task: TaskRun) -> dict[str, Any]:
+    """Add the chunks up and make the dataset ready (the job succeeds in the same transaction)."""
+    name, uri, _, _ = _dataset_source(ctx, job.dataset_id)
+    scan = StoredScan()
+    for part in task.inputs_of(SCAN):
+        scan.stored += part["stored"]
+        scan.labels.update(part["labels"])
+        scan.reasons.update(part["reasons"])
+        scan.listed.extend(part["listed"][: MAX_LISTED_SKIPS - len(scan.listed)])
+        scan.skipped_parts.extend(part["skipped_parts"][: MAX_LISTED_SKIPS - len(scan.skipped_parts)])
     if scan.stored == 0:
         detail = ", ".join(f"{n} {r}" for r, n in scan.reasons.most_common()) or "no files"
         bad = f"; {len(scan.skipped_parts)} unreadable part(s), e.g. {scan.skipped_parts[0]['part']}: {scan.skipped_parts[0]['reason']}" \
             if scan.skipped_parts else ""
         raise JobFailed(f"no readable images in {uri} ({detail}{bad})")
+    result = {"dataset_id": job.dataset_id, "name": name, **scan.summary()}
     with session_scope(ctx.engine) as session:
-        dataset = session.get(Dataset, dataset_id)
+        dataset = session.get(Dataset, job.dataset_id)
         dataset.num_samples = scan.stored
         dataset.num_labels = len(scan.labels)
         dataset.labels = sorted(scan.labels)
         dataset.skipped = scan.skipped
         dataset.status = DatasetStatus.ready
         dataset.updated_at = utcnow()
-    return {"dataset_id": dataset_id, "name": name, **scan.summary()}
+        task.complete_in(session, result)
+    return result
+
+
+REGISTER_GRAPH = Graph(plan=plan_registration, handlers={SCAN: task_scan, COMMIT: task_commit})
 
 
 @dataclass
@@ -298,7 +359,7 @@ def remove_partial_dataset(ctx: CatalogContext, dataset_id: int | None) -> None:
             session.delete(dataset)
 
 
-register_job_kind(JobKind("register", handler=run_registration, queue_class=CPU, undo=remove_partial_dataset))
+register_job_kind(JobKind("register", handler=None, queue_class=CPU, undo=remove_partial_dataset, graph=REGISTER_GRAPH))
 
 
 def remove_interrupted_registrations(ctx: CatalogContext) -> list[str]:

@@ -62,6 +62,14 @@ class Settings(BaseSettings):
         default_factory=lambda: min(8, os.cpu_count() or 1), ge=1, le=256,
         description="Threads that read and decode images while registering a source (default: the cores, at most 8).",
     )
+    index_chunk_size: int = Field(
+        default=2048, ge=1, le=1_000_000,
+        description="Samples one embedding task of an index job embeds; the chunks run side by side on the gpu workers.",
+    )
+    register_chunk_parts: int = Field(
+        default=16, ge=1, le=100_000,
+        description="Shards or files one scanning task of a sharded source's registration reads; the tasks run side by side on the cpu workers.",
+    )
     # 256 MiB holds any 8-bit RGB image within the default pixel cap even uncompressed
     # (8192 x 8192 x 3 bytes = 192 MiB as BMP/PPM/TIFF); files are hashed in 1 MiB chunks, never held whole.
     max_file_bytes: int = Field(

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from pydantic import field_validator
-from sqlalchemy import JSON, BigInteger, Column, Index, Integer, LargeBinary, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, Index, Integer, LargeBinary, String, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 # 64-bit ids on PostgreSQL; INTEGER on SQLite so the column is the rowid and autoincrements.
@@ -42,6 +42,23 @@ class JobStatus(str, enum.Enum):
     running = "running"
     succeeded = "succeeded"
     failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+
+
+class TaskState(str, enum.Enum):
+    """A task of a job's graph (:mod:`nds.catalog.task_graph`): ``pending`` until the tasks it
+    waits for have succeeded, ``queued`` once sent to a worker (or the in-process runner)."""
+
+    pending = "pending"
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    revoked = "revoked"
 
 
 class ExpertKind(str, enum.Enum):
@@ -128,7 +145,8 @@ class Sample(SampleBase, table=True):
     )
     id: int | None = Field(default=None, sa_column=Column(BigId, primary_key=True, autoincrement=True))
     dataset_id: int = Field(foreign_key="datasets.id", index=True, ondelete="CASCADE")
-    position: int = Field(description="0-based position of the sample inside its dataset, in scan order.")
+    position: int = Field(sa_type=BigInteger, description="The sample's place in its dataset's scan order (an order key: a "  # type: ignore[call-overload]
+                          "registration's chunk c of parts stores from c << 32; a sync stores after every committed sample).")
 
 
 class SamplePublic(SampleBase):
@@ -278,6 +296,42 @@ class Job(SQLModel, table=True):
     finished_at: datetime | None = None
 
 
+class JobTask(SQLModel, table=True):
+    """One task of a job that runs as a graph over the workers (indexing: embed chunks, partition,
+    one per expert, the classifier, commit). ``after`` names the tasks it waits for; ``result``
+    is what it hands to the tasks after it (ids, artifact keys, metrics: never objects)."""
+
+    __tablename__ = "job_tasks"
+    job_id: str = Field(primary_key=True, max_length=36, foreign_key="jobs.id", ondelete="CASCADE")
+    name: str = Field(primary_key=True, max_length=64)
+    queue_class: str = Field(max_length=16)
+    state: TaskState = Field(default=TaskState.pending, sa_type=String(16))  # type: ignore[call-overload]
+    after: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    params: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    result: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    weight: float = 1.0
+    progress: float = 0.0
+    error: str | None = None
+    attempts: int = 0
+    worker: str | None = Field(default=None, max_length=255)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class JobTaskPublic(SQLModel):
+    name: str
+    queue_class: str
+    state: TaskState
+    after: list[str]
+    progress: float
+    error: str | None
+    attempts: int
+    worker: str | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    seconds: float | None = Field(default=None, description="How long its last try ran (finished or so far).")
+
+
 class JobPublic(SQLModel):
     id: str
     kind: str
@@ -291,6 +345,7 @@ class JobPublic(SQLModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    tasks: list[JobTaskPublic] = Field(default_factory=list, description="The job's tasks, when it runs as a graph over the workers.")
 
 
 # --------------------------------------------------------------------------- queries

@@ -38,7 +38,7 @@ def test_add_json_output_and_jobs_show(nds, data_root):
     folder = write_images(data_root / "src", n=2)
     out = json.loads(nds("datasets", "add", "src", str(folder), "--json").stdout)
     assert out["num_samples"] == 4
-    job = json.loads(nds("jobs", "show", out["job_id"]).stdout)
+    job = json.loads(nds("jobs", "show", out["job_id"], "--json").stdout)
     assert job["status"] == "succeeded" and job["progress"] == 1.0 and job["kind"] == "register"
 
 

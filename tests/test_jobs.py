@@ -57,14 +57,14 @@ def stored(ctx, job_id: str):  # noqa: ANN001, ANN201
 
 def test_the_catalog_kinds_are_registered_by_their_modules() -> None:
     import nds.catalog.job_kinds  # noqa: F401
-    from nds.catalog.indexing import restore_status, run_indexing
-    from nds.catalog.registration import remove_partial_dataset, run_registration
+    from nds.catalog.indexing import INDEX_GRAPH, restore_status
+    from nds.catalog.registration import REGISTER_GRAPH, remove_partial_dataset
 
-    assert job_kind("register") == JobKind("register", run_registration, "cpu", remove_partial_dataset)
-    assert job_kind("index") == JobKind("index", run_indexing, "gpu", restore_status)
+    assert job_kind("register") == JobKind("register", None, "cpu", remove_partial_dataset, graph=REGISTER_GRAPH)
+    assert job_kind("index") == JobKind("index", None, "gpu", restore_status, graph=INDEX_GRAPH)
     assert job_kind("no-such-kind") is None
     with pytest.raises(ValueError, match="queue class"):
-        register_job_kind(JobKind("bad", run_registration, "tpu"))
+        register_job_kind(JobKind("bad", None, "tpu"))
 
 
 def test_a_transient_error_under_a_retrying_runner_requeues_the_job_and_raises(ctx, kinds) -> None:

@@ -97,9 +97,25 @@ def test_a_transient_error_on_the_worker_is_retried_not_failed(server_settings, 
             assert (stored.status.value, stored.num_samples) == ("ready", 6)
 
 
+def _tasks(api, job_id: str) -> dict[str, dict]:
+    return {t["name"]: t for t in api.get(f"/v1/jobs/{job_id}").json()["tasks"]}
+
+
+def _wait_tasks(api, job_id: str, ready, what: str, timeout: float = 240) -> dict[str, dict]:  # noqa: ANN001 - a predicate
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = api.get(f"/v1/jobs/{job_id}").json()
+        assert job["status"] in ("queued", "running"), job
+        tasks = {t["name"]: t for t in job["tasks"]}
+        if ready(tasks):
+            return tasks
+        time.sleep(0.05)
+    raise AssertionError(f"never {what}: {job}")
+
+
 def test_index_on_the_worker_survives_a_killed_worker(server_settings, worker):
-    """SIGKILL the worker in the middle of expert training; after a restart the job
-    completes with exactly one artifact and one catalog row per expert."""
+    """SIGKILL the worker in the middle of an expert task; after a restart the job completes
+    with exactly one artifact and one catalog row per expert, and only the killed task ran twice."""
     from sqlmodel import Session, select
 
     from nds.api.app import create_app
@@ -114,22 +130,17 @@ def test_index_on_the_worker_survives_a_killed_worker(server_settings, worker):
         resp = api.post(f"/v1/datasets/{did}/index", json={"clusters": 3, "epochs": 6, "image_size": 32, "width": 8, "min_steps": 60})
         assert resp.status_code == 202, resp.text
         job_id = resp.json()["id"]
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:  # wait until the first expert is done and the second is training
-            job = api.get(f"/v1/jobs/{job_id}").json()
-            assert job["status"] != "failed", job
-            if job["step"] == "experts" and job["progress"] > 0.35 + 0.55 * 0.45:
-                break
-            time.sleep(0.05)
-        else:
-            raise AssertionError(f"never reached expert training: {job}")
-        assert job["status"] == "running"
+        tasks = _wait_tasks(api, job_id, lambda ts: any(t["state"] == "succeeded" for n, t in ts.items() if n.startswith("expert"))
+                            and any(t["state"] == "running" and (n.startswith("expert") or n == "classifier") for n, t in ts.items()),
+                            "reached the second expert")
+        killed = next(n for n, t in tasks.items() if t["state"] == "running")
         worker.kill()
         assert api.get(f"/v1/jobs/{job_id}").json()["status"] == "running"  # the crash left it running
         worker.start()
         job = wait_job(api, job_id, timeout=300)
         assert job["status"] == "succeeded", job
-        assert any(c["reused"] for c in job["result"]["clusters"])  # finished experts were not retrained
+        tries = {t["name"]: t["attempts"] for t in job["tasks"]}
+        assert tries[killed] == 2 and all(n == killed or a == 1 for n, a in tries.items()), tries
         num_clusters = len(job["result"]["clusters"])
         experts_dir = server_settings.artifacts_path / "experts" / str(did)
         files = sorted(p.name for p in experts_dir.iterdir())
@@ -142,8 +153,63 @@ def test_index_on_the_worker_survives_a_killed_worker(server_settings, worker):
             rows = session.exec(select(Expert).where(Expert.dataset_id == did)).all()
         assert sorted((e.kind.value, e.cluster) for e in rows) == [("classifier", None)] + [("rotation", k) for k in range(num_clusters)]
         assert sorted(ctx.artifacts.path(e.artifact).name for e in rows) == files
+        assert not list((server_settings.artifacts_path / "jobs").glob(f"{job_id}/*"))
     finally:
         ctx.close()
+
+
+def test_one_dataset_is_indexed_by_two_worker_processes(server_settings, server_home, worker):
+    """The experts of one dataset's index job are trained side by side by two workers."""
+    from nds.api.app import create_app
+    from tests.server_mode import Worker, server_env
+
+    second = Worker(env=server_env(server_settings), log=server_home / "worker-2.log")
+    second.start()
+    try:
+        folder = write_images(server_settings.data_roots[0] / "two-workers", n=30, size=32)
+        with TestClient(create_app(server_settings), base_url=LOOPBACK) as api:
+            created = api.post("/v1/datasets", json={"name": "two-workers", "path": str(folder)})
+            assert wait_job(api, created.json()["job_id"])["status"] == "succeeded"
+            resp = api.post(f"/v1/datasets/{created.json()['id']}/index",
+                            json={"clusters": 4, "epochs": 4, "image_size": 32, "width": 8, "min_steps": 40})
+            job = wait_job(api, resp.json()["id"], timeout=300)
+            assert job["status"] == "succeeded", job
+            learners = [t for t in job["tasks"] if t["name"].startswith("expert") or t["name"] == "classifier"]
+            assert len(learners) == 5 and all(t["state"] == "succeeded" for t in learners)
+            workers = {t["worker"] for t in learners}
+            assert len(workers) == 2, {t["name"]: t["worker"] for t in learners}  # both worker processes trained experts
+        assert "nds.run_task" in (server_home / "worker-2.log").read_text()
+    finally:
+        second.stop()
+
+
+def test_cancel_an_index_job_on_the_worker(server_settings, worker):
+    """Cancel while an expert trains on the worker: the running task stops, the rest is revoked,
+    and the dataset is left as it was (registered, not indexed)."""
+    from nds.api.app import create_app
+
+    folder = write_images(server_settings.data_roots[0] / "cancel-srv", n=30, size=32)
+    with TestClient(create_app(server_settings), base_url=LOOPBACK) as api:
+        created = api.post("/v1/datasets", json={"name": "cancel-srv", "path": str(folder)})
+        assert wait_job(api, created.json()["job_id"])["status"] == "succeeded"
+        did = created.json()["id"]
+        resp = api.post(f"/v1/datasets/{did}/index", json={"clusters": 3, "epochs": 20, "image_size": 32, "width": 8, "min_steps": 400})
+        job_id = resp.json()["id"]
+        _wait_tasks(api, job_id, lambda ts: ts.get("expert:0", {}).get("state") == "running", "started an expert")
+        cancelled = api.post(f"/v1/jobs/{job_id}/cancel")
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled", cancelled.text
+        deadline = time.monotonic() + 60
+        while any(t["state"] == "running" for t in _tasks(api, job_id).values()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        tasks = _tasks(api, job_id)
+        assert tasks["expert:0"]["state"] == "revoked" and tasks["commit"]["state"] == "revoked", tasks
+        ds = api.get(f"/v1/datasets/{did}").json()
+        assert (ds["status"], ds["index_version"]) == ("ready", 0)
+        assert api.get("/v1/experts", params={"dataset": did}).json()["count"] == 0
+        assert api.post(f"/v1/jobs/{job_id}/cancel").status_code == 409
+        # and the dataset indexes again afterwards
+        again = api.post(f"/v1/datasets/{did}/index", json={"clusters": 2, "epochs": 1, "image_size": 32, "width": 8, "min_steps": 5})
+        assert wait_job(api, again.json()["id"], timeout=300)["status"] == "succeeded"
 
 
 def test_redis_down_new_jobs_503_reads_served_then_recovers(services, server_settings, worker):

@@ -22,8 +22,9 @@ from nds.catalog.context import CatalogContext
 from nds.catalog.db import session_scope
 from nds.catalog.jobs import get_job, orphaned_jobs, process_alive, run_job, this_process
 from nds.catalog.settings import load_settings
+from nds.catalog.task_graph import orphaned_tasks, run_task
 from nds.workers.celery_app import app
-from nds.workers.queues import RUN_JOB_TASK, queue_for
+from nds.workers.queues import QUEUES, RUN_JOB_TASK, RUN_TASK_TASK, queue_for, task_message_id
 from nds_client.errors import ServiceUnavailableError
 
 log = logging.getLogger(__name__)
@@ -57,16 +58,25 @@ def _close(**_: object) -> None:
     _ProcessContext.close()
 
 
+def send_graph_task(job_id: str, name: str, queue_class: str) -> None:
+    """Send one task of a job's graph to its queue class's queue (any worker there takes it)."""
+    run_task_task.apply_async(args=[job_id, name], queue=QUEUES.get(queue_class, queue_for("")), task_id=task_message_id(job_id, name))
+
+
 @worker_ready.connect
 def _requeue_orphans(**_: object) -> None:
-    """Re-queue jobs left running by a dead worker process of this host."""
+    """Re-queue jobs, and tasks of jobs' graphs, left running by a dead worker process of this host."""
     ctx = CatalogContext.open(load_settings())
     try:
-        for job_id in orphaned_jobs(ctx, host=socket.gethostname(), alive=process_alive):
+        host = socket.gethostname()
+        for job_id in orphaned_jobs(ctx, host=host, alive=process_alive):
             with session_scope(ctx.engine) as session:
                 kind = get_job(session, job_id).kind
             log.warning("re-queuing job %s (%s): the worker running it died", job_id, kind)
             run_job_task.apply_async(args=[job_id], queue=queue_for(kind))
+        for job_id, name, queue_class in orphaned_tasks(ctx, host=host, alive=process_alive):
+            log.warning("re-queuing task %s of job %s: the worker running it died", name, job_id)
+            send_graph_task(job_id, name, queue_class)
     finally:
         ctx.close()
 
@@ -89,5 +99,25 @@ def run_job_task(self, job_id: str) -> str:  # noqa: ANN001 - the bound task
     'queued' and is raised, so ``autoretry_for`` tries again later; on the last try it
     fails the job like any other error."""
     retrying = self.request.retries < self.max_retries
-    job = run_job(_ProcessContext.get(), job_id, worker=this_process(), retry_transient=retrying)
+    job = run_job(_ProcessContext.get(), job_id, worker=this_process(), retry_transient=retrying, send=send_graph_task)
     return job.status.value
+
+
+@app.task(
+    name=RUN_TASK_TASK,
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=(OperationalError, ServiceUnavailableError),
+    retry_backoff=2,
+    retry_backoff_max=120,
+    retry_jitter=True,
+    max_retries=8,
+)
+def run_task_task(self, job_id: str, name: str) -> str:  # noqa: ANN001 - the bound task
+    """Run one task of a job's graph by (job id, task name); it queues the tasks it makes ready.
+
+    As :func:`run_job_task`: a transient error puts the task back to 'queued' and is retried;
+    on the last try it fails the task, and with it the job."""
+    retrying = self.request.retries < self.max_retries
+    return run_task(_ProcessContext.get(), job_id, name, send=send_graph_task, worker=this_process(), retry_transient=retrying).value
