@@ -329,11 +329,17 @@ def mark_interrupted(ctx: CatalogContext, *, reason: str, alive: Callable[[int],
             job.status = JobStatus.failed
             job.error = reason
             job.finished_at = utcnow()
+        if stale:  # a graph's tasks that had not finished went with the process
+            session.exec(update(JobTask).where(JobTask.job_id.in_([j.id for j in stale]),
+                                               JobTask.state.in_(["pending", "queued", "running"]))
+                         .values(state="revoked", error=reason, finished_at=utcnow()))
         stale = list(stale)
     for job in stale:
         kind = job_kind(job.kind)
         if kind is not None:
             undo_job(ctx, kind, job)
+            if kind.graph is not None:
+                kind.graph.cleanup(ctx, job)
     return stale
 
 

@@ -36,7 +36,7 @@ import logging
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlmodel import Session, col, select
@@ -53,7 +53,7 @@ from nds.catalog.jobs import (
     transient_error,
     undo_job,
 )
-from nds.catalog.tables import Job, JobPublic, JobStatus, JobTask, JobTaskPublic, TaskState, utcnow
+from nds.catalog.tables import Job, JobPublic, JobStatus, JobTask, JobTaskPublic, TaskState
 from nds_client.errors import NDSError
 
 if TYPE_CHECKING:
@@ -104,6 +104,11 @@ class Graph:
             self.abandon(ctx, job)
 
 
+def _now() -> datetime:
+    """A task's timestamps keep microseconds (a job's are whole seconds): tasks take fractions of one."""
+    return datetime.now(timezone.utc)
+
+
 def stage_of(name: str) -> str:
     """'expert:3' -> 'expert'."""
     return name.partition(":")[0]
@@ -136,7 +141,7 @@ class TaskRun:
         if job is None or job.status != JobStatus.running:
             raise JobCancelled(f"job {self.job_id} was {'deleted' if job is None else job.status.value} before it could commit")
         task = session.get(JobTask, (self.job_id, self.name))
-        now = utcnow()
+        now = _now()
         if task is not None:
             task.state, task.result, task.progress, task.finished_at = TaskState.succeeded, result, 1.0, now
         job.status, job.result, job.progress, job.finished_at, job.error, job.step = JobStatus.succeeded, result, 1.0, now, None, None
@@ -159,6 +164,7 @@ def plan_graph(ctx: CatalogContext, job: Job, graph: Graph) -> list[str]:
         if locked is None or locked.status.finished:
             return []
         existing = session.exec(select(JobTask).where(JobTask.job_id == job.id)).all()
+        again = [t.name for t in existing if t.state == TaskState.queued and not t.after]  # a redelivered start: send them again
         if not existing:
             specs = graph.plan(ctx, job)
             names = {s.name for s in specs}
@@ -171,20 +177,23 @@ def plan_graph(ctx: CatalogContext, job: Job, graph: Graph) -> list[str]:
             session.flush()
             existing = session.exec(select(JobTask).where(JobTask.job_id == job.id)).all()
         locked.step = "tasks"
-        return _queue_ready(existing)
+        return sorted(set(again) | set(_queue_ready(existing)), key=_order_key)
 
 
-def _queue_ready(tasks: Sequence[JobTask]) -> list[str]:
-    """Move every pending task whose awaited tasks all succeeded to queued; return the names
-    of all queued tasks (newly or still: a redelivered message may need them sent again)."""
+def _queue_ready(tasks: Sequence[JobTask], *, after: str | None = None) -> list[str]:
+    """Move every pending task whose awaited tasks all succeeded to queued, and return the names
+    of those it moved. With ``after`` (a redelivered message of a task that had succeeded),
+    return instead every queued task that waits for that one: its worker may have died before
+    sending them, and a duplicate message is harmless (a task runs only once it is queued)."""
     done = {t.name for t in tasks if t.state == TaskState.succeeded}
-    queued = []
+    moved = []
     for task in tasks:
         if task.state == TaskState.pending and all(a in done for a in task.after):
             task.state = TaskState.queued
-        if task.state == TaskState.queued:
-            queued.append(task.name)
-    return sorted(queued, key=_order_key)
+            moved.append(task.name)
+    if after is not None:
+        moved = [t.name for t in tasks if t.state == TaskState.queued and after in t.after]
+    return sorted(moved, key=_order_key)
 
 
 def final_task(tasks: Sequence[JobTask]) -> str:
@@ -214,18 +223,18 @@ def run_task(
             return task.state if task.state != TaskState.queued else TaskState.revoked
         tasks = session.exec(select(JobTask).where(JobTask.job_id == job_id)).all()
         if task.state == TaskState.succeeded:  # a redelivered message: hand on what it made ready, again
-            ready = _queue_ready(tasks)
+            ready = _queue_ready(tasks, after=name)
             finished = TaskState.succeeded
         else:
             inputs = {t.name: t.result or {} for t in tasks if t.name in task.after}
             if any(t.state != TaskState.succeeded for t in tasks if t.name in task.after):
                 return task.state  # not ready (a stray message): its last input's task will queue it
             final = final_task(tasks) == name
-            task.state, task.worker, task.started_at, task.finished_at = TaskState.running, worker or this_process(), utcnow(), None
+            task.state, task.worker, task.started_at, task.finished_at = TaskState.running, worker or this_process(), _now(), None
             task.attempts += 1
             task.error = None
             if job.status == JobStatus.queued:
-                job.status, job.started_at = JobStatus.running, job.started_at or utcnow()
+                job.status, job.started_at = JobStatus.running, job.started_at or _now()
             job.step = name
             finished = None
     kind = job_kind(job.kind)
@@ -260,16 +269,16 @@ def _task_succeeded(ctx: CatalogContext, kind: JobKind, job: Job, run: TaskRun, 
             ended = True
             mine = session.get(JobTask, (job.id, run.name))
             if mine is not None and mine.state == TaskState.running:  # its work is not used: say why
-                mine.state, mine.finished_at = TaskState.revoked, utcnow()
+                mine.state, mine.finished_at = TaskState.revoked, _now()
                 mine.error = f"its job was {'deleted' if current is None else current.status.value} before it finished"
         else:
             ended = False
             tasks = session.exec(select(JobTask).where(JobTask.job_id == job.id)).all()
             mine = next(t for t in tasks if t.name == run.name)
             if not run.completed:
-                mine.state, mine.result, mine.progress, mine.finished_at = TaskState.succeeded, result, 1.0, utcnow()
+                mine.state, mine.result, mine.progress, mine.finished_at = TaskState.succeeded, result, 1.0, _now()
                 if run.final:  # the handler did not finish the job itself
-                    current.status, current.result, current.progress, current.finished_at = JobStatus.succeeded, result, 1.0, utcnow()
+                    current.status, current.result, current.progress, current.finished_at = JobStatus.succeeded, result, 1.0, _now()
                     current.step = None
             ready = _queue_ready(tasks) if not run.final else []
             if current.status == JobStatus.running:
@@ -298,7 +307,7 @@ def _task_failed(ctx: CatalogContext, kind: JobKind, job: Job, name: str, exc: B
         with session_scope(ctx.engine) as session:
             task = session.get(JobTask, (job.id, name))
             if task is not None and task.state == TaskState.running:
-                task.state, task.error, task.finished_at = TaskState.revoked, str(exc), utcnow()
+                task.state, task.error, task.finished_at = TaskState.revoked, str(exc), _now()
         _abandon(ctx, kind, job)
         return TaskState.revoked
     if isinstance(exc, NDSError):
@@ -323,7 +332,7 @@ def fail_graph(ctx: CatalogContext, job_id: str, *, reason: str, status: JobStat
         job = session.get(Job, job_id, with_for_update=True)
         if job is None or job.status.finished:
             return False
-        now = utcnow()
+        now = _now()
         job.status, job.error, job.finished_at = status, reason, now
         for t in session.exec(select(JobTask).where(JobTask.job_id == job_id)).all():
             if t.name == task:
@@ -375,7 +384,7 @@ def job_tasks(session: Session, job_id: str) -> list[JobTask]:
 
 
 def task_views(tasks: Sequence[JobTask], *, now: datetime | None = None) -> list[JobTaskPublic]:
-    now = now or utcnow()
+    now = now or _now()
     views = []
     for t in tasks:
         seconds = None
@@ -389,8 +398,6 @@ def task_views(tasks: Sequence[JobTask], *, now: datetime | None = None) -> list
 
 
 def _aware(value: datetime) -> datetime:
-    from datetime import timezone
-
     return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
 
 
