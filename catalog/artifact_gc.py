@@ -6,12 +6,17 @@ What counts as **referenced** (kept whatever its age):
 * ``backbones/published/<version>.onnx`` and ``.json`` of every backbone version a dataset
   row names (``datasets.backbone``);
 * ``queries/<id>.picks`` of every stored query;
+* ``snapshots/<dataset>/v<version>-a<active>.arrow``, the columnar snapshot of every index
+  version still stored, built at its dataset's current active version (a snapshot built at an
+  earlier active version, before a sync, is superseded and goes like any unreferenced file);
 * backbone pointer files (``backbones/<name>.json`` directly under ``backbones/``, e.g. the
   default backbone's ``default.json``) and the artifact each one names: the embedding network
   the next index job loads;
-* lock files (``*.lock``): unlinking a held lock would let a second process take it.
+* lock files (``*.lock``): unlinking a held lock would let a second process take it;
+* ``jobs/<id>/`` of a queued or running job: the arrays its tasks hand each other (a job
+  that ended removes its own; what a killed process left is collected like the rest).
 
-Files outside ``experts/``, ``backbones/`` and ``queries/`` are left alone (nothing in the
+Files outside ``experts/``, ``backbones/``, ``queries/``, ``snapshots/`` and ``jobs/`` are left alone (nothing in the
 catalog writes them), except writers' temp files. Everything else is **unreferenced** and
 removed once it is older than the grace period (default 1 hour): a writer that has written
 its file but not yet committed the row naming it (a query between its picks file and its
@@ -47,19 +52,21 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 
 from nds.catalog.artifacts import is_temp_name, walk_files
 from nds.catalog.context import CatalogContext
 from nds.catalog.retrieval.picks import PICKS_PREFIX, picks_key
+from nds.catalog.retrieval.snapshot import SNAPSHOT_PREFIX, snapshot_key
 from nds.catalog.spaces import PUBLISHED
-from nds.catalog.tables import Dataset, DatasetStatus, Expert, Query
+from nds.catalog.tables import Dataset, DatasetStatus, Expert, Group, Job, JobStatus, Query
 from nds_client.errors import NotFoundError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_GRACE_SECONDS = 3600.0
-MANAGED = ("experts", "backbones", PICKS_PREFIX)  # the top-level folders the catalog writes
+JOBS_PREFIX = "jobs"  # jobs/<job id>/: what a job's tasks hand each other (nds.catalog.indexing)
+MANAGED = ("experts", "backbones", PICKS_PREFIX, SNAPSHOT_PREFIX, JOBS_PREFIX)  # the top-level folders the catalog writes
 BUSY = (DatasetStatus.registering, DatasetStatus.indexing)
 LISTED_KEYS = 1000  # at most this many removed keys are listed in the report
 
@@ -86,6 +93,7 @@ class _Roots:
     keys: set[str]
     busy_datasets: set[int]
     known_datasets: set[int]
+    live_jobs: set[str] = field(default_factory=set)
 
     @property
     def any_busy(self) -> bool:
@@ -98,6 +106,8 @@ def _roots(ctx: CatalogContext) -> _Roots:
         keys.update(conn.execute(select(Expert.artifact).distinct()).scalars())
         datasets = conn.execute(select(Dataset.id, Dataset.status, Dataset.backbone)).all()
         keys.update(picks_key(qid) for qid in conn.execute(select(Query.id)).scalars())
+        keys.update(_snapshot_keys(conn))
+        live = set(conn.execute(select(Job.id).where(Job.status.in_([JobStatus.queued, JobStatus.running]))).scalars())
     busy: set[int] = set()
     for did, status, backbone in datasets:
         if DatasetStatus(status) in BUSY:
@@ -105,7 +115,14 @@ def _roots(ctx: CatalogContext) -> _Roots:
         if backbone:
             keys.update((f"{PUBLISHED}/{backbone}.onnx", f"{PUBLISHED}/{backbone}.json"))
     keys.update(_pointer_targets(ctx))
-    return _Roots(keys, busy, {d[0] for d in datasets})
+    return _Roots(keys, busy, {d[0] for d in datasets}, live)
+
+
+def _snapshot_keys(conn: Connection) -> set[str]:
+    """The snapshot of every index version still stored, at its dataset's active version."""
+    active = dict(conn.execute(select(Dataset.id, Dataset.index_version)).all())
+    stored = conn.execute(select(Group.dataset_id, Group.index_version).distinct()).all()
+    return {snapshot_key(did, version, active[did]) for did, version in stored if did in active}
 
 
 def _pointer_targets(ctx: CatalogContext) -> set[str]:
@@ -131,6 +148,8 @@ def _protected(key: str, roots: _Roots) -> bool:
     """Whether a running job may be about to refer to ``key`` (see the module docstring)."""
     parts = PurePosixPath(key).parts
     if parts[0] == "experts" and len(parts) > 2 and parts[1].isdigit() and int(parts[1]) in roots.busy_datasets:
+        return True
+    if parts[0] == JOBS_PREFIX and len(parts) > 2 and parts[1] in roots.live_jobs:
         return True
     return key.startswith(f"{PUBLISHED}/") and roots.any_busy
 

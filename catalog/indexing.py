@@ -46,6 +46,7 @@ from nds.catalog.db import session_scope
 from nds.catalog.index_options import INDEX_LIMITS, IndexRequest
 from nds.catalog.jobs import GPU, JobFailed, JobKind, JobReporter, create_job, datasets_with_live_jobs, register_job_kind
 from nds.catalog.paths import resolve_in_roots
+from nds.catalog.retrieval.snapshot import write_snapshot
 from nds.catalog.spaces import publish_backbone
 from nds.catalog.tables import Assignment, Cluster, Dataset, DatasetStatus, Expert, ExpertKind, Group, Job, JobTask, Sample, utcnow
 from nds.catalog.task_graph import Graph, TaskRun, TaskSpec, stage_of, task_views
@@ -368,6 +369,9 @@ def task_commit(ctx: CatalogContext, job: Job, task: TaskRun) -> dict[str, Any]:
     )
     if old_backbone and old_backbone != backbone["version"]:
         ctx.vectors.delete_dataset(job.dataset_id, keep=collection_name(backbone["version"]))  # never two spaces for one dataset
+    with session_scope(ctx.engine) as session:
+        version = session.get(Dataset, job.dataset_id).index_version
+    write_snapshot(ctx, job.dataset_id, version)  # what manifests read (rebuilt from SQL if it is ever missing)
     remove_work_files(ctx, job.id)
     with session_scope(ctx.engine) as session:
         return dict(session.get(Job, job.id).result or result)

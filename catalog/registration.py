@@ -26,6 +26,7 @@ from sqlalchemy import delete, insert
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
+from nds.catalog.bulk import bulk_insert
 from nds.catalog.context import CatalogContext
 from nds.catalog.datasets import check_name, purge_rows
 from nds.catalog.db import session_scope
@@ -153,7 +154,11 @@ def plan_registration(ctx: CatalogContext, job: Job) -> list[TaskSpec]:
     """One scanning task per chunk of ``NDS_REGISTER_CHUNK_PARTS`` parts (at most
     :data:`MAX_SCAN_TASKS`), then one commit."""
     name, uri, source_name, options = _dataset_source(ctx, job.dataset_id)
-    parts = open_source(ctx, source_name, uri, options).parts()
+    source = open_source(ctx, source_name, uri, options)
+    if not source.chunked:  # one task streams every item; nothing is listed up front
+        return [TaskSpec(f"{SCAN}:0", CPU, (), {"lo": 0, "hi": None, "parts": None, "digest": None}, weight=10),
+                TaskSpec(COMMIT, CPU, (f"{SCAN}:0",), weight=0.1)]
+    parts = source.parts()
     if not parts:
         raise JobFailed(f"no readable images in {uri} (no files)")
     size = max(ctx.settings.register_chunk_parts, -(-len(parts) // MAX_SCAN_TASKS))
@@ -177,18 +182,22 @@ def task_scan(ctx: CatalogContext, job: Job, task: TaskRun) -> dict[str, Any]:
     chunk clean; a source whose parts changed since the job was planned fails the job."""
     _, uri, source_name, options = _dataset_source(ctx, job.dataset_id)
     chunk = int(task.name.partition(":")[2])
-    lo, hi = int(task.params["lo"]), int(task.params["hi"])
     source = open_source(ctx, source_name, uri, options)
-    parts = source.parts()
-    if len(parts) != task.params["parts"] or _parts_digest(parts) != task.params["digest"]:
-        raise JobFailed(f"the files of {uri} changed while it was being registered ({task.params['parts']} parts, now {len(parts)})",
-                        hint="register it again once it is complete")
+    if task.params["digest"] is None:  # a source scanned whole (not chunked): stream it
+        items, total = source.items(), int((job.params or {}).get("parts") or 1)  # counted when the job was started
+    else:
+        lo, hi = int(task.params["lo"]), int(task.params["hi"])
+        parts = source.parts()
+        if len(parts) != task.params["parts"] or _parts_digest(parts) != task.params["digest"]:
+            raise JobFailed(f"the files of {uri} changed while it was being registered ({task.params['parts']} parts, now {len(parts)})",
+                            hint="register it again once it is complete")
+        items = source.items() if (lo, hi) == (0, len(parts)) else source.items(parts[lo:hi])  # one chunk: any source's items()
+        total = hi - lo
     first = chunk << POSITION_BITS
     with session_scope(ctx.engine) as session:
         session.exec(delete(Sample).where(Sample.dataset_id == job.dataset_id, Sample.position >= first,
                                           Sample.position < first + (1 << POSITION_BITS)))
-    items = source.items() if (lo, hi) == (0, len(parts)) else source.items(parts[lo:hi])  # one chunk: any source's items()
-    scan = store_items(ctx, job.dataset_id, items, first_position=first, total_parts=hi - lo,
+    scan = store_items(ctx, job.dataset_id, items, first_position=first, total_parts=total,
                        progress=task.report.progress)
     return {"stored": scan.stored, "labels": sorted(scan.labels), "reasons": dict(scan.reasons), "listed": scan.listed,
             "skipped_parts": scan.skipped_parts}
@@ -290,11 +299,12 @@ def store_items(
                 out.labels.add(r["label"])
             rows.append(r)
         with session_scope(ctx.engine) as session:
-            if keep_ids:
-                got = session.execute(insert(Sample).returning(Sample.id, Sample.position), rows).all()
-                out.sample_ids.extend(i for i, _ in sorted(got, key=lambda t: t[1]))
-            else:
-                session.execute(insert(Sample), rows)
+            bulk_insert(session, insert(Sample), rows)  # COPY on PostgreSQL, executemany on SQLite; ids from the database
+            if keep_ids:  # the batch's positions are its own (unique per dataset): its ids, in position order
+                lo, hi = rows[0]["position"], rows[-1]["position"]
+                out.sample_ids.extend(session.exec(
+                    select(Sample.id).where(Sample.dataset_id == dataset_id, Sample.position >= lo, Sample.position <= hi)
+                    .order_by(Sample.position)).all())
         out.stored += len(rows)
 
     settings = ctx.settings

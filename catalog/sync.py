@@ -47,12 +47,14 @@ import numpy as np
 from sqlalchemy import bindparam, delete, func, insert, literal, update
 from sqlmodel import Session, col, select
 
+from nds.catalog.bulk import bulk_insert
 from nds.catalog.context import CatalogContext
 from nds.catalog.db import session_scope
 from nds.catalog.index_options import IndexRequest
 from nds.catalog.indexing import resolve_backbone, restore_status
 from nds.catalog.jobs import GPU, JobFailed, JobKind, JobReporter, create_job, register_job_kind
 from nds.catalog.registration import MAX_LISTED_SKIPS, StoredScan, open_source, store_items
+from nds.catalog.retrieval.snapshot import write_snapshot
 from nds.catalog.tables import Assignment, Cluster, Dataset, DatasetStatus, Expert, Group, Job, JobStatus, Sample, utcnow
 from nds.catalog.vectors import collection_name
 from nds.plugins.contract import Backbone, Source
@@ -247,6 +249,7 @@ def run_sync(ctx: CatalogContext, job: Job, report: JobReporter) -> dict[str, An
         new_version = commit_sync(ctx, dataset_id, version, removed, placed.assigned)
         timings["commit"] = time.perf_counter() - t
         _delete_points(ctx, space, removed)
+        write_snapshot(ctx, dataset_id, new_version)  # what manifests read (rebuilt from SQL if it is ever missing)
     else:
         report.step("commit", start=0.9, end=1.0)
         commit_sync(ctx, dataset_id, 0, removed, [])
@@ -537,17 +540,15 @@ def _write_version(session: Session, dataset_id: int, version: int, new_version:
         rank = sizes.get((c, lab), 0)
         sizes[(c, lab)] = rank + 1
         rows.append({"sample_id": sid, "index_version": new_version, "dataset_id": dataset_id, "cluster": c, "label": lab, "rank": rank})
-    for start in range(0, len(rows), 10_000):
-        session.execute(insert(a), rows[start : start + 10_000])
+    bulk_insert(session, a, rows)  # COPY on PostgreSQL, executemany on SQLite: in this transaction
     groups = sorted(((k, n) for k, n in sizes.items() if n > 0), key=lambda kv: (kv[0][0], kv[0][1] is None, kv[0][1] or ""))
-    if groups:
-        session.execute(insert(Group), [{"dataset_id": dataset_id, "index_version": new_version, "cluster": c, "label": lab, "size": n}
-                                        for (c, lab), n in groups])
+    bulk_insert(session, Group, [{"dataset_id": dataset_id, "index_version": new_version, "cluster": c, "label": lab, "size": n}
+                                 for (c, lab), n in groups])
     per_cluster: Counter[int] = Counter()
     for (c, _), n in groups:
         per_cluster[c] += n
     clusters = session.exec(select(Cluster).where(Cluster.dataset_id == dataset_id, Cluster.index_version == version).order_by(Cluster.cluster)).all()
-    session.execute(insert(Cluster), [
+    bulk_insert(session, Cluster, [
         {"dataset_id": dataset_id, "index_version": new_version, "cluster": k.cluster, "size": int(per_cluster.get(k.cluster, 0)),
          "label": k.label, "centroid": k.centroid, "created_at": utcnow()} for k in clusters
     ])

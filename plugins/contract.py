@@ -41,7 +41,12 @@ opened; a problem with the request or the model raises :class:`PluginError`.
 **Exporters** (``GET /v1/queries/{id}/manifest?format=NAME``): an :class:`Exporter` turns
 chunks of manifest rows (:data:`Row`, dicts with the keys :data:`MANIFEST_COLUMNS`, plus
 ``meta``, the sample's metadata) into bytes, chunk by chunk, so a manifest of any size
-streams with bounded memory. One that sets ``needs_images`` gets ``read_image(row)``.
+streams with bounded memory. One that sets ``needs_images`` gets ``read_image(row)``. The
+server hands the others the manifest as pyarrow record batches
+(:meth:`Exporter.stream_batches`: the columns :data:`MANIFEST_COLUMNS`, then ``meta`` as JSON
+text); by default those become rows (:meth:`Exporter.rows_of`) for :meth:`Exporter.stream`,
+so an exporter written for rows needs nothing more, and one that writes columns overrides
+``stream_batches``.
 """
 
 from __future__ import annotations
@@ -157,6 +162,11 @@ class Source(ABC):
     description: ClassVar[str] = ""
     #: option name -> what it means; the catalog refuses any other name (field ``options``)
     options: ClassVar[dict[str, str]] = {}
+    #: whether a registration may scan chunks of ``parts()`` side by side (one task per chunk):
+    #: true for parts that are files or shards, read independently; a source whose parts are
+    #: the rows of one file (a manifest) sets it false and is scanned by one task streaming
+    #: ``items()``, so its rows are never all held at once
+    chunked: ClassVar[bool] = True
 
     def __init__(self, location: str, env: SourceEnv, **options: str) -> None:
         self.location = location
@@ -293,3 +303,21 @@ class Exporter(ABC):
     @abstractmethod
     def stream(self, chunks: Iterable[list[Row]], *, read_image: ImageReader | None = None) -> Iterator[bytes]:
         """Bytes of the file, produced chunk by chunk."""
+
+    def stream_batches(self, batches: Iterable[Any]) -> Iterator[bytes]:
+        """Bytes of the file from the manifest as pyarrow ``RecordBatch`` es, batch by batch: the
+        columns :data:`MANIFEST_COLUMNS` (``cluster``, ``count``, ``offset``, ``size`` int64,
+        ``weight`` float64, the others strings) and ``meta`` (the sample's metadata as JSON text,
+        or null). What the server calls for exporters that do not need images; this default makes
+        each batch into rows and calls :meth:`stream`. Override it to write the columns directly."""
+        return self.stream(self.rows_of(batch) for batch in batches)
+
+    @staticmethod
+    def rows_of(batch: Any) -> list[Row]:  # noqa: ANN401 - a pyarrow RecordBatch
+        """A manifest batch as rows: dicts of :data:`MANIFEST_COLUMNS` and ``meta`` (decoded)."""
+        import json
+
+        columns = [batch.column(c).to_pylist() for c in MANIFEST_COLUMNS]
+        names = batch.schema.names
+        meta = batch.column("meta").to_pylist() if "meta" in names else [None] * batch.num_rows
+        return [{**dict(zip(MANIFEST_COLUMNS, values)), "meta": None if m is None else json.loads(m)} for *values, m in zip(*columns, meta)]

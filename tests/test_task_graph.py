@@ -68,6 +68,7 @@ def test_an_index_job_runs_as_its_graph_of_tasks(ctx, data_root, monkeypatch) ->
     assert set(stored.result["seconds"]) == {"backbone", "embed", "partition", "expert", "classifier", "commit"}
     assert sorted((e.kind.value, e.cluster) for e in experts) == [("classifier", None), ("rotation", 0), ("rotation", 1), ("rotation", 2)]
     assert work_files(ctx, job.id) == []  # what the tasks handed each other is gone once committed
+    assert [o.key.split("/")[1] for o in ctx.artifacts.list_objects("snapshots")] == [str(did)]  # written at the commit
     # a redelivered message of a task that ran does nothing more
     assert run_task(ctx, job.id, "expert:1", send=None) == TaskState.succeeded
     assert tasks_of(ctx, job.id)["expert:1"].attempts == 1
@@ -243,3 +244,15 @@ def test_a_scan_task_run_again_starts_its_chunk_clean(ctx, data_root, monkeypatc
     with Session(ctx.engine) as session:
         assert len(session.exec(select(Sample.id).where(Sample.dataset_id == dataset.id)).all()) == 8
         assert get_job(session, job.id).result["num_samples"] == 8
+
+
+def test_gc_collects_work_files_of_ended_jobs_and_keeps_a_live_jobs(ctx, data_root) -> None:
+    from nds.catalog.artifact_gc import gc
+
+    did = register(ctx, "gc-work", write_images(data_root / "gc-work", n=4))
+    live = start_indexing(ctx, did, IndexRequest(**SMALL, clusters=1))  # queued: its files are in use
+    ctx.artifacts.write_bytes(f"jobs/{live.id}/embed-0-ids.npy", b"live")
+    ctx.artifacts.write_bytes("jobs/00000000-dead-job/embed-0-ids.npy", b"left by a killed process")
+    report = gc(ctx, grace_seconds=0)
+    assert "jobs/00000000-dead-job/embed-0-ids.npy" in report.removed_keys
+    assert ctx.artifacts.exists(f"jobs/{live.id}/embed-0-ids.npy")

@@ -11,10 +11,11 @@ from fastapi.responses import StreamingResponse
 
 from nds.api.deps import CtxDep, LimitDep, OffsetDep, PrincipalDep, SessionDep
 from nds.api.schemas import QueryBody, QueryPublic, SearchBody, SearchResult
-from nds.catalog.retrieval.manifest import ImageReader, iter_manifest
+from nds.catalog.retrieval.manifest import ImageReader, batch_dicts, iter_manifest, iter_manifest_batches
 from nds.catalog.retrieval.queries import get_query, run_query
 from nds.catalog.retrieval.request import QueryRequest
 from nds.catalog.retrieval.search import search
+from nds.plugins.contract import Exporter
 from nds_client.errors import InvalidInputError, PluginError
 
 router = APIRouter(tags=["queries"])
@@ -36,7 +37,7 @@ def show_query(query_id: str, session: SessionDep, principal: PrincipalDep) -> Q
 def query_samples(query_id: str, session: SessionDep, ctx: CtxDep, principal: PrincipalDep, offset: OffsetDep = 0, limit: LimitDep = 100) -> dict:
     """A page of the selected samples (the manifest's rows)."""
     query = get_query(session=session, query_id=query_id, principal=principal)
-    rows = [r.as_dict() for chunk in iter_manifest(ctx, query, offset=offset, limit=limit, principal=principal) for r in chunk]
+    rows = [r for batch in iter_manifest_batches(ctx, query, offset=offset, limit=limit, principal=principal) for r in batch_dicts(batch)]
     return {"data": rows, "count": query.summary["unique_samples"]}
 
 
@@ -61,10 +62,19 @@ def query_manifest(
     except PluginError as exc:
         raise InvalidInputError(exc.message, field="format", hint=exc.hint) from exc
     query = get_query(session=session, query_id=query_id, principal=principal)
-    chunks = iter_manifest(ctx, query, principal=principal, offset=offset, limit=limit)
-    first = next(chunks, [])  # fail before the response starts if the index version is gone
-    reader = ImageReader(itertools.chain([first], chunks))
-    stream = exporter.stream(reader.rows(), read_image=reader) if exporter.needs_images else exporter.stream(reader.rows())
+    if exporter.needs_images:  # rows, which remember where their images are
+        chunks = iter_manifest(ctx, query, principal=principal, offset=offset, limit=limit)
+        first = next(chunks, [])  # fail before the response starts if the index version is gone
+        reader = ImageReader(itertools.chain([first], chunks))
+        stream = exporter.stream(reader.rows(), read_image=reader)
+    else:  # columns: record batches taken from the index version's snapshot (rows for exporters that want rows)
+        batches = iter_manifest_batches(ctx, query, principal=principal, offset=offset, limit=limit)
+        head = next(batches, None)  # fail before the response starts if the index version is gone
+        batches = batches if head is None else itertools.chain([head], batches)
+        if hasattr(exporter, "stream_batches"):
+            stream = exporter.stream_batches(batches)
+        else:  # an exporter that does not derive from the contract's Exporter
+            stream = exporter.stream(Exporter.rows_of(batch) for batch in batches)
     return StreamingResponse(
         stream,
         media_type=exporter.media_type,

@@ -1,14 +1,27 @@
 """A stored query's picks resolved to samples: the manifest rows, chunk by chunk, in a fixed order.
 
 The columns are :data:`nds_client.manifests.MANIFEST_COLUMNS`, the one definition the client reads too.
+
+Picks are resolved in bulk from the columnar snapshot of each index version
+(:mod:`nds.catalog.retrieval.snapshot`): a chunk of picks (group, rank) is the snapshot rows
+``start[group] + rank``, one array take, and the manifest columns are pyarrow arrays
+(:func:`iter_manifest_batches`), written by the exporters' columnar path. Row objects
+(:func:`iter_manifest`, :class:`ManifestRow`) are made from those batches for the callers that
+want rows. :func:`iter_manifest_sql` is the previous path (SQL lookups per chunk, a Python
+object per row): the reference the snapshot path is tested against byte for byte, and what
+serves when no snapshot can be had (the artifact store cannot be written).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
 from sqlalchemy import select as sa_select
 from sqlalchemy import tuple_
 from sqlmodel import Session, col, select
@@ -16,10 +29,24 @@ from sqlmodel import Session, col, select
 from nds.catalog.access import LOCAL, Principal
 from nds.catalog.context import CatalogContext
 from nds.catalog.retrieval.picks import open_picks
+from nds.catalog.retrieval.snapshot import Snapshot, SnapshotUnavailable, open_snapshot
 from nds.catalog.tables import Assignment, Dataset, Group, Query, Sample
+from nds.catalog.uris import uri_column_view
 from nds_client.errors import GoneError, NotFoundError
 from nds_client.manifests import MANIFEST_COLUMNS
 from nds_client.storage import Location, read_location
+
+log = logging.getLogger(__name__)
+
+#: the arrow type of each manifest column (the columns and their order are MANIFEST_COLUMNS')
+COLUMN_TYPES = {"key": pa.string(), "uri": pa.string(), "label": pa.string(), "dataset": pa.string(), "cluster": pa.int64(),
+                "weight": pa.float64(), "count": pa.int64(), "shard": pa.string(), "offset": pa.int64(), "size": pa.int64()}
+#: what :func:`iter_manifest_batches` yields: the manifest columns and ``meta`` (the sample's metadata as JSON text, or null)
+BATCH_SCHEMA = pa.schema([(c, COLUMN_TYPES[c]) for c in MANIFEST_COLUMNS] + [("meta", pa.string())])
+#: with ``stored=True``, also where each sample is stored (uris as stored, whatever the caller sees): what read_image reads
+STORED_COLUMNS = ("stored_uri", "stored_shard", "stored_offset", "stored_size")
+STORED_SCHEMA = pa.schema(list(BATCH_SCHEMA) + [("stored_uri", pa.string()), ("stored_shard", pa.string()),
+                                                ("stored_offset", pa.int64()), ("stored_size", pa.int64())])
 
 
 class ManifestRow(NamedTuple):
@@ -65,10 +92,11 @@ class ImageReader:
         raise NotFoundError(f"{row['key']} is not among the rows being exported")
 
 
-def iter_manifest(
+def iter_manifest_sql(
     ctx: CatalogContext, query: Query, *, offset: int = 0, limit: int | None = None, chunk: int = 2000, principal: Principal = LOCAL,
 ) -> Iterator[list[ManifestRow]]:
-    """The query's picks as manifest rows, in a fixed order (group, then rank), chunk by chunk.
+    """The query's picks as manifest rows resolved with SQL, row by row: the previous path, kept
+    as the reference the snapshot path is checked against and as its fallback.
 
     Reads ``chunk`` picks at a time from the picks file and resolves them with a few indexed
     lookups: a rank range for each group with many nearly consecutive picks, and one
@@ -147,3 +175,155 @@ def _check_versions_exist(session: Session, versions: dict[int, int], names: dic
     for did, version in pairs:
         if (did, version) not in present:
             raise GoneError(f"index version {version} of dataset {names[did]!r} is gone (re-indexed twice since)", hint="run the query again")
+
+
+# --------------------------------------------------------------------------- the snapshot path
+
+
+def iter_manifest_batches(
+    ctx: CatalogContext, query: Query, *, offset: int = 0, limit: int | None = None, chunk: int = 2000, principal: Principal = LOCAL,
+    stored: bool = False,
+) -> Iterator[pa.RecordBatch]:
+    """The query's picks as manifest record batches (:data:`BATCH_SCHEMA`; :data:`STORED_SCHEMA`
+    with ``stored``), in the fixed order (group, then rank), one batch per ``chunk`` picks: the
+    rows :func:`iter_manifest_sql` gives, the same chunks, as columns.
+
+    Each chunk of picks is an array take from the snapshots of the query's index versions;
+    the uris are shown to ``principal`` column-wise. A gone index version or dataset is the
+    same GoneError as ever, raised before the first batch. Without a snapshot (the store cannot
+    be written) the SQL path serves, converted to batches."""
+    versions = {int(k): int(v) for k, v in query.index_versions.items()}
+    with open_picks(ctx, query.id, datasets=set(versions)) as (table, total, read):
+        with Session(ctx.engine) as session:
+            names: dict[int, str] = {}
+            active: dict[int, int] = {}
+            for did, name, current in session.exec(
+                select(Dataset.id, Dataset.name, Dataset.index_version).where(col(Dataset.id).in_(list(versions)))
+            ).all():
+                assert did is not None  # a primary key read back from the table (SQLModel types it Optional for unsaved rows)
+                names[did], active[did] = name, current
+            _check_versions_exist(session, versions, names)
+        stop = total if limit is None else min(total, offset + limit)
+        try:
+            resolver = _Resolver(ctx, table, read, versions, names, active, principal, stored)
+            resolver.open(offset, stop)
+        except SnapshotUnavailable as exc:
+            log.warning("manifest of query %s from SQL: %s", query.id, exc)
+            resolver = None
+        if resolver is not None:
+            for start in range(offset, stop, chunk):
+                yield resolver.batch(start, min(start + chunk, stop))
+            return
+    schema = STORED_SCHEMA if stored else BATCH_SCHEMA
+    for rows in iter_manifest_sql(ctx, query, offset=offset, limit=limit, chunk=chunk, principal=principal):
+        yield rows_batch(rows, schema)
+
+
+class _Resolver:
+    """Picks -> manifest batches for one query: its group table mapped onto its snapshots."""
+
+    def __init__(self, ctx: CatalogContext, table: Any, read: Any, versions: dict[int, int], names: dict[int, str],  # noqa: ANN401
+                 active: dict[int, int], principal: Principal, stored: bool) -> None:
+        self.ctx, self.table, self.read, self.versions, self.names, self.active, self.stored = ctx, table, read, versions, names, active, stored
+        self.view = uri_column_view(principal, ctx.data_roots, ctx.settings.resolved_public_uris)
+        dataset_id = np.asarray(table.dataset_id, dtype=np.int64)
+        if len(dataset_id) and (np.diff(dataset_id) < 0).any():  # a layout puts each dataset's groups together, datasets ascending
+            raise SnapshotUnavailable("the query's groups are not grouped by dataset")
+        self.dataset_id = dataset_id
+        ids, first = np.unique(dataset_id, return_index=True)
+        self.first = dict(zip(ids.tolist(), first.tolist()))  # dataset -> its first group in the table
+        self.cluster = np.asarray(table.cluster, dtype=np.int64)
+        self.weight = np.asarray(table.weight, dtype=np.float64)
+        self.snapshots: dict[int, Snapshot] = {}
+
+    def open(self, start: int, stop: int) -> None:
+        """Open (building if needed) and check the snapshots of the datasets picks [start, stop) fall in."""
+        if stop <= start:
+            return
+        lo, hi = int(self.read(start, start + 1).group[0]), int(self.read(stop - 1, stop).group[0])
+        for d in np.unique(self.dataset_id[lo:hi + 1]).tolist():
+            snap = open_snapshot(self.ctx, d, self.versions[d], active=self.active[d])
+            first = self.first[d]
+            n = int((self.dataset_id == d).sum())
+            groups = snap.groups
+            if (len(groups.size) != n or not np.array_equal(groups.cluster, self.cluster[first:first + n])
+                    or not np.array_equal(groups.size, np.asarray(self.table.size[first:first + n], dtype=np.int64))
+                    or groups.label != tuple(self.table.label[first:first + n])):
+                raise SnapshotUnavailable(f"snapshot {snap.key} does not have the groups of the query")
+            self.snapshots[d] = snap
+
+    def batch(self, start: int, stop: int) -> pa.RecordBatch:
+        picks = self.read(start, stop)
+        d_of = self.dataset_id[picks.group]
+        cuts = np.flatnonzero(np.diff(d_of)) + 1
+        parts = []
+        for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), len(d_of)]):
+            d = int(d_of[lo])
+            g, rank, count = picks.group[lo:hi], picks.rank[lo:hi], picks.count[lo:hi]
+            snap = self.snapshots[d]
+            taken = snap.take(snap.groups.start[g - self.first[d]] + rank)
+            sample_id = taken.column(0)
+            if sample_id.null_count:  # samples a sync removed since the query: never named
+                keep = pc.is_valid(sample_id)
+                taken = taken.filter(keep)
+                mask = keep.to_numpy(zero_copy_only=False)
+                g, count = g[mask], count[mask]
+                sample_id = taken.column(0)
+            parts.append(self._columns(self.names[d], taken, sample_id, g, count))
+        if not parts:
+            return pa.record_batch([pa.array([], f.type) for f in self.schema], schema=self.schema)
+        return parts[0] if len(parts) == 1 else pa.concat_batches(parts)
+
+    @property
+    def schema(self) -> pa.Schema:
+        return STORED_SCHEMA if self.stored else BATCH_SCHEMA
+
+    def _columns(self, name: str, taken: pa.RecordBatch, sample_id: pa.Array, g: np.ndarray, count: np.ndarray) -> pa.RecordBatch:
+        n = len(taken)
+        uri, shard, at, size = taken.column(1), taken.column(3), taken.column(4), taken.column(5)
+        inside = pc.is_valid(shard)
+        no_int = pa.scalar(None, pa.int64())
+        columns = [
+            pc.binary_join_element_wise(name + "/", pc.cast(sample_id, pa.string()), ""),  # key: f"{name}/{sample id}"
+            self.view(uri), taken.column(2), pa.array(np.full(n, name, dtype=object), pa.string()) if n < 64 else pa.repeat(pa.scalar(name, pa.string()), n),
+            pa.array(self.cluster[g], pa.int64()), pa.array(self.weight[g], pa.float64()), pa.array(count, pa.int64()),
+            self.view(shard), pc.if_else(inside, at, no_int), pc.if_else(inside, size, no_int), taken.column(6),
+        ]
+        if self.stored:
+            columns += [uri, shard, at, size]
+        return pa.record_batch(columns, schema=self.schema)
+
+
+def rows_batch(rows: list[ManifestRow], schema: pa.Schema = BATCH_SCHEMA) -> pa.RecordBatch:
+    """Manifest rows as a record batch of ``schema`` (:data:`BATCH_SCHEMA` or :data:`STORED_SCHEMA`)."""
+    data: dict[str, list[Any]] = {c: [getattr(r, c) for r in rows] for c in MANIFEST_COLUMNS}
+    data["meta"] = [None if r.meta is None else orjson.dumps(r.meta).decode() for r in rows]
+    if schema.get_field_index("stored_uri") >= 0:
+        where = [r.location or Location(r.uri) for r in rows]
+        data.update(stored_uri=[w.uri for w in where], stored_shard=[w.shard for w in where],
+                    stored_offset=[w.offset for w in where], stored_size=[w.size for w in where])
+    return pa.record_batch([pa.array(data[f.name], f.type) for f in schema], schema=schema)
+
+
+def batch_dicts(batch: pa.RecordBatch) -> list[dict[str, Any]]:
+    """A manifest batch as the rows exporters and the API see: MANIFEST_COLUMNS, and ``meta`` (decoded)."""
+    columns = [batch.column(c).to_pylist() for c in MANIFEST_COLUMNS]
+    meta = [None if m is None else orjson.loads(m) for m in batch.column("meta").to_pylist()]
+    return [{**dict(zip(MANIFEST_COLUMNS, values)), "meta": m} for *values, m in zip(*columns, meta)]
+
+
+def batch_rows(batch: pa.RecordBatch) -> list[ManifestRow]:
+    """A batch with the stored columns (``stored=True``) as :class:`ManifestRow` objects."""
+    columns = [batch.column(c).to_pylist() for c in (*MANIFEST_COLUMNS, "meta", *STORED_COLUMNS)]
+    return [ManifestRow._make([*values, None if m is None else orjson.loads(m), Location(su, ss, so, sz)])
+            for *values, m, su, ss, so, sz in zip(*columns)]
+
+
+def iter_manifest(
+    ctx: CatalogContext, query: Query, *, offset: int = 0, limit: int | None = None, chunk: int = 2000, principal: Principal = LOCAL,
+) -> Iterator[list[ManifestRow]]:
+    """The query's picks as manifest rows, in a fixed order (group, then rank), chunk by chunk:
+    :func:`iter_manifest_batches` made into :class:`ManifestRow` objects (for callers that want
+    rows: the image exporters, the tests). Memory stays bounded whatever the number of rows."""
+    for batch in iter_manifest_batches(ctx, query, offset=offset, limit=limit, chunk=chunk, principal=principal, stored=True):
+        yield batch_rows(batch)

@@ -1,9 +1,14 @@
-"""``parquet`` manifests, written one row group per chunk with pyarrow."""
+"""``parquet`` manifests, written one row group per chunk (or record batch) with pyarrow.
+
+:meth:`ParquetExporter.stream` builds each row group from rows, :meth:`ParquetExporter.stream_batches`
+takes the columns of a record batch as they are: the same chunks give the same bytes.
+"""
 
 from __future__ import annotations
 
 import io
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -48,6 +53,20 @@ class ParquetExporter(Exporter):
                 if not rows:
                     continue
                 writer.write_table(pa.Table.from_pydict({c: [row[c] for row in rows] for c in MANIFEST_COLUMNS}, schema=SCHEMA))
+                wrote = True
+                yield sink.take()
+            if not wrote:
+                writer.write_table(SCHEMA.empty_table())
+        yield sink.take()
+
+    def stream_batches(self, batches: Iterable[Any]) -> Iterator[bytes]:
+        sink = _Drain()
+        with pq.ParquetWriter(sink, SCHEMA, compression="zstd") as writer:
+            wrote = False
+            for batch in batches:
+                if not batch.num_rows:
+                    continue
+                writer.write_table(pa.Table.from_arrays([batch.column(c) for c in MANIFEST_COLUMNS], schema=SCHEMA))
                 wrote = True
                 yield sink.take()
             if not wrote:

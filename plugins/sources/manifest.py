@@ -24,6 +24,7 @@ HINT = "a manifest is a .csv with a header row or a .jsonl file, with a 'uri' co
 class ManifestSource(Source):
     name = "manifest"
     description = "a CSV or JSONL file with columns uri (required) and label (optional)"
+    chunked = False  # its parts are its rows: one streaming scan, not a listing of every row per chunk
 
     def __init__(self, location: str, env, **options: str) -> None:  # noqa: ANN001 - SourceEnv
         super().__init__(location, env, **options)
