@@ -38,9 +38,10 @@ from dataclasses import asdict
 from typing import Any
 
 import numpy as np
-from sqlalchemy import delete, insert, update
+from sqlalchemy import delete, update
 from sqlmodel import Session, select
 
+from nds.catalog.bulk import bulk_insert
 from nds.catalog.context import CatalogContext
 from nds.catalog.db import session_scope
 from nds.catalog.index_options import INDEX_LIMITS, IndexRequest
@@ -369,10 +370,10 @@ def task_commit(ctx: CatalogContext, job: Job, task: TaskRun) -> dict[str, Any]:
     )
     if old_backbone and old_backbone != backbone["version"]:
         ctx.vectors.delete_dataset(job.dataset_id, keep=collection_name(backbone["version"]))  # never two spaces for one dataset
+    remove_work_files(ctx, job.id)
     with session_scope(ctx.engine) as session:
         version = session.get(Dataset, job.dataset_id).index_version
     write_snapshot(ctx, job.dataset_id, version)  # what manifests read (rebuilt from SQL if it is ever missing)
-    remove_work_files(ctx, job.id)
     with session_scope(ctx.engine) as session:
         return dict(session.get(Job, job.id).result or result)
 
@@ -664,28 +665,22 @@ def commit_index(
         # a retried job may have left rows of this version behind: start clean
         for table in (Assignment, Cluster, Expert, Group):
             session.exec(delete(table).where(table.dataset_id == dataset_id, table.index_version == version))
-        session.execute(
-            insert(Cluster),
-            [
-                {"dataset_id": dataset_id, "index_version": version, "cluster": k, "size": int((clusters == k).sum()),
-                 "label": cluster_labels[k], "centroid": centroids[k].astype(np.float32).tobytes(), "created_at": utcnow()}
-                for k in range(len(centroids))
-            ],
-        )
-        session.execute(
-            insert(Assignment),
-            [
-                {"sample_id": int(sid), "index_version": version, "dataset_id": dataset_id, "cluster": int(c), "label": lab, "rank": int(r)}
-                for sid, c, lab, r in zip(ids.tolist(), clusters.tolist(), labels, ranks.tolist())
-            ],
-        )
-        session.execute(
-            insert(Group),
-            [
-                {"dataset_id": dataset_id, "index_version": version, "cluster": c, "label": lab, "size": int(n)}
-                for (c, lab), n in sorted(counters.items(), key=lambda kv: (kv[0][0], kv[0][1] is None, kv[0][1] or ""))
-            ],
-        )
+        # COPY on PostgreSQL, executemany on SQLite, all in this transaction
+        bulk_insert(session, Cluster, [
+            {"dataset_id": dataset_id, "index_version": version, "cluster": k, "size": int((clusters == k).sum()),
+             "label": cluster_labels[k], "centroid": centroids[k].astype(np.float32).tobytes(), "created_at": utcnow()}
+            for k in range(len(centroids))
+        ])
+        rows = len(ids)
+        bulk_insert(session, Assignment, {
+            "sample_id": np.asarray(ids, dtype=np.int64), "index_version": np.full(rows, version, dtype=np.int64),
+            "dataset_id": np.full(rows, dataset_id, dtype=np.int64), "cluster": np.asarray(clusters, dtype=np.int64), "label": list(labels),
+            "rank": ranks,
+        })
+        bulk_insert(session, Group, [
+            {"dataset_id": dataset_id, "index_version": version, "cluster": c, "label": lab, "size": int(n)}
+            for (c, lab), n in sorted(counters.items(), key=lambda kv: (kv[0][0], kv[0][1] is None, kv[0][1] or ""))
+        ])
         for e in experts:
             session.add(
                 Expert(
