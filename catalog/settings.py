@@ -66,6 +66,10 @@ class Settings(BaseSettings):
         default=2048, ge=1, le=1_000_000,
         description="Samples one embedding task of an index job embeds; the chunks run side by side on the gpu workers.",
     )
+    manifest_snapshots: bool = Field(
+        default=True,
+        description="Resolve manifests from each index version's columnar snapshot under the artifact store; false: with SQL, row by row (the previous path: slower, for comparison or a store without room).",
+    )
     register_chunk_parts: int = Field(
         default=16, ge=1, le=100_000,
         description="Shards or files one scanning task of a sharded source's registration reads; the tasks run side by side on the cpu workers.",

@@ -66,8 +66,9 @@ def uri_column_view(principal: Principal, roots: Sequence[Path], public: Mapping
     """:func:`uri_view` over a pyarrow string array (nulls stay null): the same text as the
     function applied to each value, computed with pyarrow's string kernels. Object-storage uris
     and plain absolute paths under a data root (no empty or ``.`` component, no trailing slash:
-    paths PurePosixPath leaves as they are) are decided column-wise; any other value (outside
-    the roots, ``file://``, unusual paths) goes through :func:`client_uri` one by one."""
+    paths PurePosixPath leaves as they are), under a root or under none (the file name), are
+    decided column-wise; any other value (``file://``, unusual paths) goes through
+    :func:`client_uri` one by one."""
     if principal.is_admin:
         return lambda column: column
     import pyarrow as pa
@@ -78,7 +79,7 @@ def uri_column_view(principal: Principal, roots: Sequence[Path], public: Mapping
     rules = [(str(PurePosixPath(root)), public.get(root)) for _, root in ordered]
 
     def view(column: Any) -> Any:  # noqa: ANN401 - a pyarrow StringArray in, one out
-        if len(column) == 0:
+        if len(column) == column.null_count:  # empty, or all null (the shard column of files)
             return column
         text = pc.fill_null(column, "")
         done = pc.or_(pc.is_null(column), pc.and_(pc.match_substring_regex(text, _REMOTE), pc.invert(pc.starts_with(text, "file://"))))
@@ -102,6 +103,10 @@ def uri_column_view(principal: Principal, roots: Sequence[Path], public: Mapping
                 shown = pc.if_else(pc.equal(rel, ""), pa.scalar(prefix), pc.binary_join_element_wise(prefix, rel, "/"))
             out = pc.if_else(inside, shown, out)
             done = pc.or_(done, inside)
+        outside = pc.and_(plain, pc.invert(done))  # under no root: the file name alone, as client_uri shows it
+        if pc.any(outside).as_py():
+            out = pc.if_else(outside, pc.replace_substring_regex(text, "^.*/", ""), out)
+            done = pc.or_(done, outside)
         rest = pc.invert(done)
         if pc.any(rest).as_py():
             values = pc.filter(column, rest).to_pylist()

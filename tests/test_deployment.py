@@ -151,7 +151,7 @@ def test_copy_to_postgresql_keeps_everything(services, tmp_path, nds, settings):
     assert done.exit_code == 0, done.output
     report = json.loads(done.output)
     assert report["rows"]["datasets"] == 2 and report["points"] == {"emb-synthetic": source["points"]}
-    assert report["files"] == source["counts"]["experts"] + 1  # + the query's picks file
+    assert report["files"] == source["counts"]["experts"] + 1 + 2  # + the query's picks file and the snapshots of the two index versions
 
     target = load_settings(home=target_home, database_url=services.migrations_database_url, artifacts_dir=target_home / "artifacts",
                            qdrant_url=None, broker_url=None, data_roots=settings.data_roots)

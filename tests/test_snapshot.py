@@ -236,6 +236,16 @@ def test_unwritable_store_falls_back_to_sql(catalog, monkeypatch):
     assert snapshot_files(ctx) == []
 
 
+def test_snapshots_switched_off_serve_from_sql(catalog, monkeypatch):
+    ctx, a, _, queries = catalog
+    for o in ctx.artifacts.list_objects("snapshots"):
+        ctx.artifacts.delete(o.key)
+    monkeypatch.setattr(ctx, "settings", ctx.settings.model_copy(update={"manifest_snapshots": False}))
+    assert write_snapshot(ctx, a.dataset_id, 1) is None
+    assert new_bytes(ctx, queries[0], "csv") == old_bytes(ctx, queries[0], "csv")
+    assert snapshot_files(ctx) == []  # nothing written, nothing read
+
+
 def test_take_in_any_order_across_batches(catalog, monkeypatch):
     ctx, a, _, _ = catalog
     monkeypatch.setattr(snapshots, "BATCH_ROWS", 7)  # many record batches
@@ -257,7 +267,8 @@ def test_the_column_uri_view_is_the_uri_view(tmp_path):
     values = [None, "", "/", str(root), str(root) + "/", f"{root}/a.png", f"{inner}/b/c.png", str(inner), f"{public_root}/p q.png",
               str(public_root), f"file://{root}/f.png", f"{root}//double.png", f"{root}/./dot.png", f"{root}/.hidden", f"{root}/a/..",
               f"{root}/x.tar#m/1.png", f"{root}/x.parquet#row=5", "s3://b/k.png", "S3://b/k.png", "hf://d/x", "x://y", "/a/b://c",
-              "relative/path.png", f"{root}/ü,\"n\".png", f"{root}/a/.", "/elsewhere/z.png", f"{tmp_path}/dataX/no.png"]
+              "relative/path.png", f"{root}/ü,\"n\".png", f"{root}/a/.", "/elsewhere/z.png", f"{tmp_path}/dataX/no.png",
+              "/synthetic/d/0/x/1.png", "/up/..", "/x/.hidden", "/x/y/", "/x/ü 猫.png", "/x\\y/z.png"]
     import pyarrow as pa
 
     for principal in (LOCAL, CLIENT):

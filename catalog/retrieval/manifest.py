@@ -9,7 +9,8 @@ Picks are resolved in bulk from the columnar snapshot of each index version
 (:func:`iter_manifest`, :class:`ManifestRow`) are made from those batches for the callers that
 want rows. :func:`iter_manifest_sql` is the previous path (SQL lookups per chunk, a Python
 object per row): the reference the snapshot path is tested against byte for byte, and what
-serves when no snapshot can be had (the artifact store cannot be written).
+serves when no snapshot can be had (the artifact store cannot be written) or when
+``NDS_MANIFEST_SNAPSHOTS=false``.
 """
 
 from __future__ import annotations
@@ -204,12 +205,14 @@ def iter_manifest_batches(
                 names[did], active[did] = name, current
             _check_versions_exist(session, versions, names)
         stop = total if limit is None else min(total, offset + limit)
-        try:
-            resolver = _Resolver(ctx, table, read, versions, names, active, principal, stored)
-            resolver.open(offset, stop)
-        except SnapshotUnavailable as exc:
-            log.warning("manifest of query %s from SQL: %s", query.id, exc)
-            resolver = None
+        resolver = None
+        if ctx.settings.manifest_snapshots:
+            try:
+                resolver = _Resolver(ctx, table, read, versions, names, active, principal, stored)
+                resolver.open(offset, stop)
+            except SnapshotUnavailable as exc:
+                log.warning("manifest of query %s from SQL: %s", query.id, exc)
+                resolver = None
         if resolver is not None:
             for start in range(offset, stop, chunk):
                 yield resolver.batch(start, min(start + chunk, stop))
@@ -253,39 +256,42 @@ class _Resolver:
             self.snapshots[d] = snap
 
     def batch(self, start: int, stop: int) -> pa.RecordBatch:
+        """Picks [start, stop) as one batch: a take from each dataset's snapshot, then every
+        column built once for the whole chunk (the uri view included)."""
         picks = self.read(start, stop)
-        d_of = self.dataset_id[picks.group]
+        group, count = np.asarray(picks.group, dtype=np.int64), np.asarray(picks.count, dtype=np.int64)
+        d_of = self.dataset_id[group]
         cuts = np.flatnonzero(np.diff(d_of)) + 1
-        parts = []
+        taken: list[pa.RecordBatch] = []
         for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), len(d_of)]):
             d = int(d_of[lo])
-            g, rank, count = picks.group[lo:hi], picks.rank[lo:hi], picks.count[lo:hi]
             snap = self.snapshots[d]
-            taken = snap.take(snap.groups.start[g - self.first[d]] + rank)
-            sample_id = taken.column(0)
-            if sample_id.null_count:  # samples a sync removed since the query: never named
-                keep = pc.is_valid(sample_id)
-                taken = taken.filter(keep)
-                mask = keep.to_numpy(zero_copy_only=False)
-                g, count = g[mask], count[mask]
-                sample_id = taken.column(0)
-            parts.append(self._columns(self.names[d], taken, sample_id, g, count))
-        if not parts:
+            taken.append(snap.take(snap.groups.start[group[lo:hi] - self.first[d]] + picks.rank[lo:hi]))
+        if not taken:
             return pa.record_batch([pa.array([], f.type) for f in self.schema], schema=self.schema)
-        return parts[0] if len(parts) == 1 else pa.concat_batches(parts)
+        rows = taken[0] if len(taken) == 1 else pa.concat_batches(taken)
+        sample_id = rows.column(0)
+        if sample_id.null_count:  # samples a sync removed since the query: never named
+            keep = pc.is_valid(sample_id)
+            rows = rows.filter(keep)
+            mask = keep.to_numpy(zero_copy_only=False)
+            group, count, d_of = group[mask], count[mask], d_of[mask]
+            sample_id = rows.column(0)
+        return self._columns(rows, sample_id, group, count, d_of)
 
     @property
     def schema(self) -> pa.Schema:
         return STORED_SCHEMA if self.stored else BATCH_SCHEMA
 
-    def _columns(self, name: str, taken: pa.RecordBatch, sample_id: pa.Array, g: np.ndarray, count: np.ndarray) -> pa.RecordBatch:
-        n = len(taken)
+    def _columns(self, taken: pa.RecordBatch, sample_id: pa.Array, g: np.ndarray, count: np.ndarray, d_of: np.ndarray) -> pa.RecordBatch:
         uri, shard, at, size = taken.column(1), taken.column(3), taken.column(4), taken.column(5)
         inside = pc.is_valid(shard)
         no_int = pa.scalar(None, pa.int64())
+        ids, where = np.unique(d_of, return_inverse=True)
+        name = pa.array([self.names[int(d)] for d in ids], pa.string()).take(pa.array(where.reshape(-1)))
         columns = [
-            pc.binary_join_element_wise(name + "/", pc.cast(sample_id, pa.string()), ""),  # key: f"{name}/{sample id}"
-            self.view(uri), taken.column(2), pa.array(np.full(n, name, dtype=object), pa.string()) if n < 64 else pa.repeat(pa.scalar(name, pa.string()), n),
+            pc.binary_join_element_wise(name, pc.cast(sample_id, pa.string()), "/"),  # key: f"{name}/{sample id}"
+            self.view(uri), taken.column(2), name,
             pa.array(self.cluster[g], pa.int64()), pa.array(self.weight[g], pa.float64()), pa.array(count, pa.int64()),
             self.view(shard), pc.if_else(inside, at, no_int), pc.if_else(inside, size, no_int), taken.column(6),
         ]

@@ -406,7 +406,10 @@ def open_snapshot(ctx: CatalogContext, dataset_id: int, version: int, *, active:
 def write_snapshot(ctx: CatalogContext, dataset_id: int, version: int) -> str | None:
     """Build the snapshot of a committed (dataset, version) unless a valid one is there: its key,
     or None when the version is gone or no snapshot can be written (manifests then read SQL, and
-    the next one tries again). For the index and sync commits: call it after the commit."""
+    the next one tries again, or with ``NDS_MANIFEST_SNAPSHOTS=false``). For the index and sync
+    commits: call it after the commit."""
+    if not ctx.settings.manifest_snapshots:
+        return None
     try:
         return open_snapshot(ctx, dataset_id, version).key
     except SnapshotUnavailable as exc:
