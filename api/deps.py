@@ -20,11 +20,14 @@ from nds_client.errors import AuthenticationError
 log = logging.getLogger("nds.api")
 
 
-def get_ctx(request: Request) -> CatalogContext:
+# dependencies that do no I/O are ``async def``: FastAPI runs a plain ``def`` one in the
+# thread pool, a hop between threads per request for what is an attribute read
+
+async def get_ctx(request: Request) -> CatalogContext:
     return request.app.state.ctx
 
 
-def get_dispatcher(request: Request) -> Dispatcher:
+async def get_dispatcher(request: Request) -> Dispatcher:
     return request.app.state.dispatcher
 
 
@@ -90,7 +93,7 @@ def get_principal(
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
-def get_admin(request: Request, principal: PrincipalDep) -> Principal:
+async def get_admin(request: Request, principal: PrincipalDep) -> Principal:
     require_admin(principal, f"{request.method} {request.url.path}")
     return principal
 

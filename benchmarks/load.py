@@ -102,6 +102,36 @@ async def run_clients(url: str, key: str, scores: dict[str, float], *, clients: 
     return results
 
 
+def cpu_seconds(server_pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) so far of this process (the clients), of nds serve and its
+    worker processes, and of PostgreSQL's processes, read from /proc (Linux)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    procs: dict[int, tuple[int, float, str]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        procs[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick, cmd)
+    out = {"clients": 0.0, "nds serve": 0.0, "PostgreSQL": 0.0}
+    for pid, (ppid, cpu, cmd) in procs.items():
+        chain, up = {pid}, ppid
+        while up in procs and up not in chain:
+            chain.add(up)
+            up = procs[up][0]
+        if pid == os.getpid():
+            out["clients"] += cpu
+        elif server_pid in chain:
+            out["nds serve"] += cpu
+        elif "postgres" in cmd:
+            out["PostgreSQL"] += cpu
+    return out
+
+
 PATHS = (("snapshot", "true", "manifests from the index versions' columnar snapshots"),
          ("previous (SQL)", "false", "NDS_MANIFEST_SNAPSHOTS=false: resolved with SQL row by row, as before"))
 
@@ -119,10 +149,12 @@ def measure(base_env: dict[str, str], work: Path, key: str, scores: dict[str, fl
         solo = asyncio.run(run_clients(server.url, key, scores, clients=1, seconds=args.solo_seconds, budget=args.budget))
         console.log(f"NDS_MANIFEST_SNAPSHOTS={snapshots}: {args.clients} clients for {args.seconds:.0f} s")
         load0 = os.getloadavg()[0]
+        cpu0 = cpu_seconds(server.proc.pid)
         t = time.perf_counter()
         crowd = asyncio.run(run_clients(server.url, key, scores, clients=args.clients, seconds=args.seconds, budget=args.budget))
         wall = time.perf_counter() - t
-        return {"solo": solo, "crowd": crowd, "wall": wall, "load": (load0, os.getloadavg()[0]), "log": server.output()[-3000:]}
+        cpu = {k: v - cpu0[k] for k, v in cpu_seconds(server.proc.pid).items()}
+        return {"solo": solo, "crowd": crowd, "wall": wall, "load": (load0, os.getloadavg()[0]), "cpu": cpu, "log": server.output()[-3000:]}
     finally:
         server.stop()
 
@@ -197,6 +229,15 @@ def main(argv: list[str] | None = None) -> int:
         f"query p99 < 500 ms: {p99:.0f} ms {met(p99 < 500)}; 0 errors: {len(crowd['errors'])} {met(not crowd['errors'])}"
     )
     console.print(table)
+    cpu_table = Table(title=f"where the CPU went while {args.clients} clients ran (CPU seconds per request; {os.cpu_count()} cores)")
+    for col in ("manifests from", "requests", "clients", "nds serve", "PostgreSQL", "cores busy"):
+        cpu_table.add_column(col, justify="left" if col == "manifests from" else "right")
+    for name, run in runs.items():
+        n = max(len(run["crowd"]["query"]) + len(run["crowd"]["manifest"]), 1)
+        cpu = run["cpu"]
+        cpu_table.add_row(name, f"{n:,}", *(f"{cpu[k] / n * 1000:.1f} ms" for k in ("clients", "nds serve", "PostgreSQL")),
+                          f"{sum(cpu.values()) / run['wall']:.2f}")
+    console.print(cpu_table)
     for name, run in runs.items():
         errors = run["solo"]["errors"] + run["crowd"]["errors"]
         for e in errors[:10]:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, status
 from fastapi import Query as Q
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from nds.api.deps import CtxDep, LimitDep, OffsetDep, PrincipalDep, SessionDep
 from nds.api.schemas import QueryBody, QueryPublic, SearchBody, SearchResult
@@ -19,6 +19,10 @@ from nds.plugins.contract import Exporter
 from nds_client.errors import InvalidInputError, PluginError
 
 router = APIRouter(tags=["queries"])
+
+#: a manifest of at most this many rows is written whole in the request's thread and sent as one
+#: body (a few MB at most); larger ones stream chunk by chunk with bounded memory
+WHOLE_BODY_ROWS = 20_000
 
 
 @router.post("/v1/queries", status_code=status.HTTP_201_CREATED, response_model=QueryPublic)
@@ -75,11 +79,11 @@ def query_manifest(
             stream = exporter.stream_batches(batches)
         else:  # an exporter that does not derive from the contract's Exporter
             stream = exporter.stream(Exporter.rows_of(batch) for batch in batches)
-    return StreamingResponse(
-        stream,
-        media_type=exporter.media_type,
-        headers={"Content-Disposition": f'attachment; filename="manifest-{query.id}{exporter.suffix}"'},
-    )
+    headers = {"Content-Disposition": f'attachment; filename="manifest-{query.id}{exporter.suffix}"'}
+    rows = int(query.summary.get("unique_samples", WHOLE_BODY_ROWS + 1)) - offset
+    if not exporter.needs_images and min(rows, limit or rows) <= WHOLE_BODY_ROWS:  # small: one body, written here
+        return Response(b"".join(stream), media_type=exporter.media_type, headers=headers)  # type: ignore[return-value]
+    return StreamingResponse(stream, media_type=exporter.media_type, headers=headers)
 
 
 @router.post("/v1/search", response_model=SearchResult, tags=["search"])
