@@ -41,6 +41,7 @@ def show_query(query_id: str, session: SessionDep, principal: PrincipalDep) -> Q
 def query_samples(query_id: str, session: SessionDep, ctx: CtxDep, principal: PrincipalDep, offset: OffsetDep = 0, limit: LimitDep = 100) -> dict:
     """A page of the selected samples (the manifest's rows)."""
     query = get_query(session=session, query_id=query_id, principal=principal)
+    session.close()  # hand its connection back: the rows take their own, and a request holds one at a time
     rows = [r for batch in iter_manifest_batches(ctx, query, offset=offset, limit=limit, principal=principal) for r in batch_dicts(batch)]
     return {"data": rows, "count": query.summary["unique_samples"]}
 
@@ -66,6 +67,7 @@ def query_manifest(
     except PluginError as exc:
         raise InvalidInputError(exc.message, field="format", hint=exc.hint) from exc
     query = get_query(session=session, query_id=query_id, principal=principal)
+    session.close()  # hand its connection back: the manifest takes its own, and a request holds one at a time
     if exporter.needs_images:  # rows, which remember where their images are
         chunks = iter_manifest(ctx, query, principal=principal, offset=offset, limit=limit)
         first = next(chunks, [])  # fail before the response starts if the index version is gone
