@@ -44,7 +44,20 @@ def get_session(ctx: Annotated[CatalogContext, Depends(get_ctx)]) -> Iterator[Se
             log.info("discarded a catalog connection that died during a request", exc_info=True)
 
 
+def get_read_session(ctx: Annotated[CatalogContext, Depends(get_ctx)]) -> Iterator[Session]:
+    """A session for routes that only read (autocommit: no transaction round trips)."""
+    session = Session(ctx.autocommit_engine, expire_on_commit=False)
+    try:
+        yield session
+    finally:
+        try:
+            session.close()
+        except DBAPIError:
+            log.info("discarded a catalog connection that died during a request", exc_info=True)
+
+
 CtxDep = Annotated[CatalogContext, Depends(get_ctx)]
+ReadSessionDep = Annotated[Session, Depends(get_read_session)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 SessionDep = Annotated[Session, Depends(get_session)]
 IdPath = Annotated[int, Path(ge=0, le=MAX_ID, description="A catalog id.")]
@@ -73,7 +86,7 @@ def get_principal(
     Once this process has seen the API closed it never opens again, whatever the rows say."""
     secret = bearer.credentials if bearer is not None else api_key
     state = request.app.state
-    with Session(ctx.engine) as session:
+    with Session(ctx.autocommit_engine) as session:
         if secret:
             return authenticate(session=session, secret=secret, admin_key=ctx.settings.admin_key_value)
         if getattr(state, "closed", False) or not api_is_open(session=session, auth=ctx.settings.auth, admin_key=ctx.settings.admin_key):

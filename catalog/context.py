@@ -54,6 +54,15 @@ class CatalogContext:
             return self._vectors
 
     @cached_property
+    def autocommit_engine(self) -> Engine:
+        """The engine for work that needs no transaction: reads (authentication, a query's rows,
+        a manifest's lookups) and single-statement writes (a query's row). The same pool, in
+        autocommit, so such work is its statements alone, without the BEGIN and COMMIT or
+        ROLLBACK round trips a transaction adds on PostgreSQL. Each statement commits on its
+        own: anything that writes more than one statement uses :attr:`engine`."""
+        return self.engine.execution_options(isolation_level="AUTOCOMMIT")
+
+    @cached_property
     def data_roots(self):  # noqa: ANN201 - list[Path]
         """The local folders among the data roots (resolved)."""
         return self.settings.resolved_data_roots

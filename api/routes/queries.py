@@ -9,7 +9,7 @@ from fastapi import APIRouter, status
 from fastapi import Query as Q
 from fastapi.responses import Response, StreamingResponse
 
-from nds.api.deps import CtxDep, LimitDep, OffsetDep, PrincipalDep, SessionDep
+from nds.api.deps import CtxDep, LimitDep, OffsetDep, PrincipalDep, ReadSessionDep
 from nds.api.schemas import QueryBody, QueryPublic, SearchBody, SearchResult
 from nds.catalog.retrieval.manifest import ImageReader, batch_dicts, iter_manifest, iter_manifest_batches
 from nds.catalog.retrieval.queries import get_query, run_query
@@ -33,12 +33,12 @@ def create_query(body: QueryBody, ctx: CtxDep, principal: PrincipalDep) -> Query
 
 
 @router.get("/v1/queries/{query_id}", response_model=QueryPublic)
-def show_query(query_id: str, session: SessionDep, principal: PrincipalDep) -> QueryPublic:
+def show_query(query_id: str, session: ReadSessionDep, principal: PrincipalDep) -> QueryPublic:
     return QueryPublic.model_validate(get_query(session=session, query_id=query_id, principal=principal), from_attributes=True)
 
 
 @router.get("/v1/queries/{query_id}/samples")
-def query_samples(query_id: str, session: SessionDep, ctx: CtxDep, principal: PrincipalDep, offset: OffsetDep = 0, limit: LimitDep = 100) -> dict:
+def query_samples(query_id: str, session: ReadSessionDep, ctx: CtxDep, principal: PrincipalDep, offset: OffsetDep = 0, limit: LimitDep = 100) -> dict:
     """A page of the selected samples (the manifest's rows)."""
     query = get_query(session=session, query_id=query_id, principal=principal)
     session.close()  # hand its connection back: the rows take their own, and a request holds one at a time
@@ -53,7 +53,7 @@ def query_samples(query_id: str, session: SessionDep, ctx: CtxDep, principal: Pr
 )
 def query_manifest(
     query_id: str,
-    session: SessionDep,
+    session: ReadSessionDep,
     ctx: CtxDep,
     principal: PrincipalDep,
     format: Annotated[str, Q(max_length=100, description="csv, jsonl, parquet, webdataset, img2dataset or another installed exporter.")] = "csv",
@@ -67,15 +67,16 @@ def query_manifest(
     except PluginError as exc:
         raise InvalidInputError(exc.message, field="format", hint=exc.hint) from exc
     query = get_query(session=session, query_id=query_id, principal=principal)
-    session.close()  # hand its connection back: the manifest takes its own, and a request holds one at a time
     if exporter.needs_images:  # rows, which remember where their images are
+        session.close()  # hand its connection back: the rows take their own, and a request holds one at a time
         chunks = iter_manifest(ctx, query, principal=principal, offset=offset, limit=limit)
         first = next(chunks, [])  # fail before the response starts if the index version is gone
         reader = ImageReader(itertools.chain([first], chunks))
         stream = exporter.stream(reader.rows(), read_image=reader)
     else:  # columns: record batches taken from the index version's snapshot (rows for exporters that want rows)
-        batches = iter_manifest_batches(ctx, query, principal=principal, offset=offset, limit=limit)
+        batches = iter_manifest_batches(ctx, query, principal=principal, offset=offset, limit=limit, session=session)
         head = next(batches, None)  # fail before the response starts if the index version is gone
+        session.close()  # its lookups are done (the batches need no more SQL): hand the connection back
         batches = batches if head is None else itertools.chain([head], batches)
         if hasattr(exporter, "stream_batches"):
             stream = exporter.stream_batches(batches)

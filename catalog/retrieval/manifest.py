@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from contextlib import nullcontext
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -183,7 +184,7 @@ def _check_versions_exist(session: Session, versions: dict[int, int], names: dic
 
 def iter_manifest_batches(
     ctx: CatalogContext, query: Query, *, offset: int = 0, limit: int | None = None, chunk: int = 2000, principal: Principal = LOCAL,
-    stored: bool = False,
+    stored: bool = False, session: Session | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """The query's picks as manifest record batches (:data:`BATCH_SCHEMA`; :data:`STORED_SCHEMA`
     with ``stored``), in the fixed order (group, then rank), one batch per ``chunk`` picks: the
@@ -192,10 +193,11 @@ def iter_manifest_batches(
     Each chunk of picks is an array take from the snapshots of the query's index versions;
     the uris are shown to ``principal`` column-wise. A gone index version or dataset is the
     same GoneError as ever, raised before the first batch. Without a snapshot (the store cannot
-    be written) the SQL path serves, converted to batches."""
+    be written) the SQL path serves, converted to batches. ``session``: the caller's, for the
+    few lookups made before the first batch (else one of its own)."""
     versions = {int(k): int(v) for k, v in query.index_versions.items()}
     with open_picks(ctx, query.id, datasets=set(versions)) as (table, total, read):
-        with Session(ctx.engine) as session:
+        with nullcontext(session) if session is not None else Session(ctx.autocommit_engine) as session:
             names: dict[int, str] = {}
             active: dict[int, int] = {}
             for did, name, current in session.exec(

@@ -188,7 +188,7 @@ def run_query(ctx: CatalogContext, request: QueryRequest, *, principal: Principa
     """Validate, weigh, sample, store the picks and the query; nothing is stored on bad input.
     The query belongs to ``principal``'s key and sees only the datasets it may see."""
     validate_request(request, max_budget=ctx.settings.max_budget)
-    with ctx.engine.connect() as conn:
+    with ctx.autocommit_engine.connect() as conn:  # reads only
         groups = build_groups(ctx, conn, request, principal=principal)
     table, versions = groups.table, groups.versions
     picks = sample_groups(table, request.budget, replacement=request.replacement, seed=request.seed)
@@ -202,7 +202,7 @@ def run_query(ctx: CatalogContext, request: QueryRequest, *, principal: Principa
     )
     key = save_picks(ctx, query.id, table, picks)
     try:
-        with ctx.engine.begin() as conn:
+        with ctx.autocommit_engine.connect() as conn:  # one statement: atomic on its own
             conn.execute(_INSERT_QUERY, {"id": query.id, "request": query.request, "index_versions": query.index_versions,
                                          "summary": query.summary, "key_id": query.key_id, "created_at": query.created_at})
     except BaseException:
