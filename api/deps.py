@@ -8,6 +8,7 @@ from typing import Annotated
 
 from fastapi import Depends, Path, Query, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session
 
@@ -31,8 +32,8 @@ async def get_dispatcher(request: Request) -> Dispatcher:
     return request.app.state.dispatcher
 
 
-def get_session(ctx: Annotated[CatalogContext, Depends(get_ctx)]) -> Iterator[Session]:
-    session = Session(ctx.engine, expire_on_commit=False)
+def _request_session(engine: Engine) -> Iterator[Session]:
+    session = Session(engine, expire_on_commit=False)
     try:
         yield session
     finally:
@@ -44,16 +45,13 @@ def get_session(ctx: Annotated[CatalogContext, Depends(get_ctx)]) -> Iterator[Se
             log.info("discarded a catalog connection that died during a request", exc_info=True)
 
 
+def get_session(ctx: Annotated[CatalogContext, Depends(get_ctx)]) -> Iterator[Session]:
+    yield from _request_session(ctx.engine)
+
+
 def get_read_session(ctx: Annotated[CatalogContext, Depends(get_ctx)]) -> Iterator[Session]:
     """A session for routes that only read (autocommit: no transaction round trips)."""
-    session = Session(ctx.autocommit_engine, expire_on_commit=False)
-    try:
-        yield session
-    finally:
-        try:
-            session.close()
-        except DBAPIError:
-            log.info("discarded a catalog connection that died during a request", exc_info=True)
+    yield from _request_session(ctx.autocommit_engine)
 
 
 CtxDep = Annotated[CatalogContext, Depends(get_ctx)]
