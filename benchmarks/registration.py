@@ -158,9 +158,11 @@ def fake_scan(pool: Any, items: list[Any], first: int, roots: Any, chunk: int = 
             for j, it in enumerate(items)]
 
 
-def old_write(session: Any, statement: Any, rows: list[dict]) -> int:  # noqa: ANN401
+def old_write(session: Any, table: Any, rows: list[dict]) -> int:  # noqa: ANN401
     """What store_items ran before: SQLAlchemy's executemany of insert(Sample)."""
-    session.execute(statement, rows)
+    from sqlalchemy import insert
+
+    session.execute(insert(table), rows)
     return len(rows)
 
 

@@ -22,6 +22,7 @@ import hmac
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Connection, bindparam, delete, or_, update
 from sqlalchemy.sql.elements import ColumnElement
@@ -154,11 +155,15 @@ def active_admin_keys(*, session: Session) -> int:
     return len(session.exec(select(ApiKey.id).where(ApiKey.revoked_at.is_(None), ApiKey.role == Role.admin)).all())
 
 
+def _visible_to(key_id: Any) -> ColumnElement[bool]:  # noqa: ANN401 - a key id or a bind parameter
+    """The datasets a client key may see: the unrestricted ones and those granted to it."""
+    return or_(Dataset.restricted.is_(False), Dataset.id.in_(select(DatasetGrant.dataset_id).where(DatasetGrant.key_id == key_id)))
+
+
 # the statements every request runs, built once (columns, not ORM objects: a request pays
 # for one indexed lookup, not for building the statement and loading a mapped row)
 _KEY_BY_HASH = select(ApiKey.id, ApiKey.role, ApiKey.name, ApiKey.prefix, ApiKey.revoked_at).where(ApiKey.key_hash == bindparam("key_hash"))
-_GRANTED = select(DatasetGrant.dataset_id).where(DatasetGrant.key_id == bindparam("key_id"))
-_VISIBLE = select(Dataset.id).where(or_(Dataset.restricted.is_(False), Dataset.id.in_(_GRANTED)))
+_VISIBLE = select(Dataset.id).where(_visible_to(bindparam("key_id")))
 _VISIBLE_AMONG = _VISIBLE.where(Dataset.id.in_(bindparam("among", expanding=True)))
 
 
@@ -185,10 +190,7 @@ def require_admin(principal: Principal, action: str) -> None:
 
 def visible_clause(principal: Principal) -> ColumnElement[bool] | None:
     """A condition on ``Dataset`` for the datasets ``principal`` may see (None: all of them)."""
-    if principal.is_admin:
-        return None
-    granted = select(DatasetGrant.dataset_id).where(DatasetGrant.key_id == principal.key_id)
-    return or_(Dataset.restricted.is_(False), Dataset.id.in_(granted))
+    return None if principal.is_admin else _visible_to(principal.key_id)
 
 
 def visible_dataset_ids(*, session: Session | Connection, principal: Principal, among: Sequence[int] | None = None) -> set[int] | None:

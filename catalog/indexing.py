@@ -363,7 +363,7 @@ def task_commit(ctx: CatalogContext, job: Job, task: TaskRun) -> dict[str, Any]:
     def finish(session: Session, version: int) -> None:
         task.complete_in(session, {**result, "index_version": version})
 
-    commit_index(
+    version = commit_index(
         ctx, dataset_id=job.dataset_id, ids=ids, labels=labels, clusters=clusters, centroids=centroids,
         cluster_labels=part["cluster_labels"], experts=[*experts, *([classifier] if classifier else [])],
         backbone_version=backbone["version"], finish=finish,
@@ -371,8 +371,6 @@ def task_commit(ctx: CatalogContext, job: Job, task: TaskRun) -> dict[str, Any]:
     if old_backbone and old_backbone != backbone["version"]:
         ctx.vectors.delete_dataset(job.dataset_id, keep=collection_name(backbone["version"]))  # never two spaces for one dataset
     remove_work_files(ctx, job.id)
-    with session_scope(ctx.engine) as session:
-        version = session.get(Dataset, job.dataset_id).index_version
     write_snapshot(ctx, job.dataset_id, version)  # what manifests read (rebuilt from SQL if it is ever missing)
     with session_scope(ctx.engine) as session:
         return dict(session.get(Job, job.id).result or result)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from PIL import UnidentifiedImageError
-from sqlalchemy import delete, insert
+from sqlalchemy import delete
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
@@ -299,7 +299,7 @@ def store_items(
                 out.labels.add(r["label"])
             rows.append(r)
         with session_scope(ctx.engine) as session:
-            bulk_insert(session, insert(Sample), rows)  # COPY on PostgreSQL, executemany on SQLite; ids from the database
+            bulk_insert(session, Sample, rows)  # COPY on PostgreSQL, executemany on SQLite; ids from the database
             if keep_ids:  # the batch's positions are its own (unique per dataset): its ids, in position order
                 lo, hi = rows[0]["position"], rows[-1]["position"]
                 out.sample_ids.extend(session.exec(

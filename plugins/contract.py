@@ -313,6 +313,15 @@ class Exporter(ABC):
         return self.stream(self.rows_of(batch) for batch in batches)
 
     @staticmethod
+    def schema() -> Any:  # noqa: ANN401 - a pyarrow Schema
+        """The manifest columns as a pyarrow schema: the types of :meth:`stream_batches`' batches
+        (less ``meta``) and of the parquet exporter's file."""
+        import pyarrow as pa
+
+        types = {"cluster": pa.int64(), "weight": pa.float64(), "count": pa.int64(), "offset": pa.int64(), "size": pa.int64()}
+        return pa.schema([(c, types.get(c, pa.string())) for c in MANIFEST_COLUMNS])
+
+    @staticmethod
     def rows_of(batch: Any) -> list[Row]:  # noqa: ANN401 - a pyarrow RecordBatch
         """A manifest batch as rows: dicts of :data:`MANIFEST_COLUMNS` and ``meta`` (decoded)."""
         import json

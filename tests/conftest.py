@@ -82,6 +82,20 @@ def settings(tmp_path: Path, data_root: Path) -> Settings:
     return load_settings(home=tmp_path / "home", data_roots=[data_root], database_url=None, qdrant_url=None, broker_url=None)
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.server)])
+def any_settings(request, tmp_path, data_root):
+    """Settings of an empty, migrated catalog on SQLite and on the test PostgreSQL."""
+    url = None
+    if request.param == "postgresql":
+        url = request.getfixturevalue("services").migrations_database_url
+        from tests.server_mode import reset_database
+
+        reset_database(url)
+    settings = load_settings(home=tmp_path / "home", data_roots=[data_root], database_url=url, qdrant_url=None, broker_url=None)
+    upgrade(settings)
+    return settings
+
+
 @pytest.fixture
 def ctx(settings: Settings):
     upgrade(settings)

@@ -32,17 +32,11 @@ HOSTILE = ["tab\there", "new\nline\r\n", "back\\slash \\N \\.", "quotes ' \" `",
            "\\x00 (the text, not the byte)", "\u2028\u2029\x7f\x1b"]
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.server)])
-def backend(request, tmp_path, data_root):
+@pytest.fixture
+def backend(any_settings):
     """(settings, engine) of an empty, migrated catalog on SQLite and on the test PostgreSQL."""
-    url = None
-    if request.param == "postgresql":
-        url = request.getfixturevalue("services").migrations_database_url
-        reset_database(url)
-    settings = load_settings(home=tmp_path / "home", data_roots=[data_root], database_url=url, qdrant_url=None, broker_url=None)
-    upgrade(settings)
-    engine = create_db_engine(settings)
-    yield settings, engine
+    engine = create_db_engine(any_settings)
+    yield any_settings, engine
     engine.dispose()
 
 

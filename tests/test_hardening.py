@@ -32,19 +32,6 @@ from nds.catalog.tables import Dataset, DatasetStatus, Expert, Job, JobStatus, S
 from nds.samples.synthetic import add_files_and_vectors, add_indexed_dataset
 from nds_client.errors import GoneError
 from tests.conftest import LOOPBACK
-from tests.server_mode import reset_database
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.server)])
-def any_settings(request, tmp_path, data_root):
-    """Settings of an empty, migrated catalog on SQLite and on the test PostgreSQL."""
-    url = None
-    if request.param == "postgresql":
-        url = request.getfixturevalue("services").migrations_database_url
-        reset_database(url)
-    settings = load_settings(home=tmp_path / "home", data_roots=[data_root], database_url=url, qdrant_url=None, broker_url=None)
-    upgrade(settings)
-    return settings
 
 
 def app_client(settings) -> TestClient:

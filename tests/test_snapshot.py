@@ -22,12 +22,13 @@ from sqlmodel import Session, select
 from nds.catalog.access import LOCAL, Principal, Role
 from nds.catalog.artifact_gc import gc
 from nds.catalog.retrieval import snapshot as snapshots
-from nds.catalog.retrieval.manifest import batch_dicts, iter_manifest, iter_manifest_batches, iter_manifest_sql
+from nds.catalog.retrieval.manifest import iter_manifest, iter_manifest_batches, iter_manifest_sql
 from nds.catalog.retrieval.queries import run_query
 from nds.catalog.retrieval.request import QueryRequest
 from nds.catalog.retrieval.snapshot import open_snapshot, snapshot_key, write_snapshot
 from nds.catalog.tables import Assignment, Dataset, Group, Sample
 from nds.catalog.uris import client_uri, uri_column_view
+from nds.plugins.contract import Exporter
 from nds.samples.synthetic import add_indexed_dataset
 from nds_client.errors import GoneError
 from tests.conftest import LOOPBACK
@@ -121,7 +122,7 @@ def test_rows_and_pages_are_the_sql_path_s(catalog):
         assert page == old[offset: None if limit is None else offset + limit], (offset, limit)
         for fmt in FORMATS:
             assert new_bytes(ctx, query, fmt, offset=offset, limit=limit, chunk=16) == old_bytes(ctx, query, fmt, offset=offset, limit=limit, chunk=16)
-    client_rows = [r for b in iter_manifest_batches(ctx, query, principal=CLIENT) for r in batch_dicts(b)]
+    client_rows = [r for b in iter_manifest_batches(ctx, query, principal=CLIENT) for r in Exporter.rows_of(b)]
     assert client_rows == [r.as_dict() for c in iter_manifest_sql(ctx, query, principal=CLIENT) for r in c]
     assert any(not r["uri"].startswith("/") for r in client_rows)  # the client view was applied
 

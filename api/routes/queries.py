@@ -11,7 +11,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from nds.api.deps import CtxDep, LimitDep, OffsetDep, PrincipalDep, ReadSessionDep
 from nds.api.schemas import QueryBody, QueryPublic, SearchBody, SearchResult
-from nds.catalog.retrieval.manifest import ImageReader, batch_dicts, iter_manifest, iter_manifest_batches
+from nds.catalog.retrieval.manifest import ImageReader, iter_manifest, iter_manifest_batches
 from nds.catalog.retrieval.queries import get_query, run_query
 from nds.catalog.retrieval.request import QueryRequest
 from nds.catalog.retrieval.search import search
@@ -42,7 +42,7 @@ def query_samples(query_id: str, session: ReadSessionDep, ctx: CtxDep, principal
     """A page of the selected samples (the manifest's rows)."""
     query = get_query(session=session, query_id=query_id, principal=principal)
     session.close()  # hand its connection back: the rows take their own, and a request holds one at a time
-    rows = [r for batch in iter_manifest_batches(ctx, query, offset=offset, limit=limit, principal=principal) for r in batch_dicts(batch)]
+    rows = [r for batch in iter_manifest_batches(ctx, query, offset=offset, limit=limit, principal=principal) for r in Exporter.rows_of(batch)]
     return {"data": rows, "count": query.summary["unique_samples"]}
 
 

@@ -34,17 +34,15 @@ from nds.catalog.retrieval.picks import open_picks
 from nds.catalog.retrieval.snapshot import Snapshot, SnapshotUnavailable, open_snapshot
 from nds.catalog.tables import Assignment, Dataset, Group, Query, Sample
 from nds.catalog.uris import uri_column_view
+from nds.plugins.contract import Exporter
 from nds_client.errors import GoneError, NotFoundError
 from nds_client.manifests import MANIFEST_COLUMNS
 from nds_client.storage import Location, read_location
 
 log = logging.getLogger(__name__)
 
-#: the arrow type of each manifest column (the columns and their order are MANIFEST_COLUMNS')
-COLUMN_TYPES = {"key": pa.string(), "uri": pa.string(), "label": pa.string(), "dataset": pa.string(), "cluster": pa.int64(),
-                "weight": pa.float64(), "count": pa.int64(), "shard": pa.string(), "offset": pa.int64(), "size": pa.int64()}
 #: what :func:`iter_manifest_batches` yields: the manifest columns and ``meta`` (the sample's metadata as JSON text, or null)
-BATCH_SCHEMA = pa.schema([(c, COLUMN_TYPES[c]) for c in MANIFEST_COLUMNS] + [("meta", pa.string())])
+BATCH_SCHEMA = Exporter.schema().append(pa.field("meta", pa.string()))
 #: with ``stored=True``, also where each sample is stored (uris as stored, whatever the caller sees): what read_image reads
 STORED_COLUMNS = ("stored_uri", "stored_shard", "stored_offset", "stored_size")
 STORED_SCHEMA = pa.schema(list(BATCH_SCHEMA) + [("stored_uri", pa.string()), ("stored_shard", pa.string()),
@@ -193,8 +191,11 @@ def iter_manifest_batches(
     Each chunk of picks is an array take from the snapshots of the query's index versions;
     the uris are shown to ``principal`` column-wise. A gone index version or dataset is the
     same GoneError as ever, raised before the first batch. Without a snapshot (the store cannot
-    be written) the SQL path serves, converted to batches. ``session``: the caller's, for the
-    few lookups made before the first batch (else one of its own)."""
+    be written, or ``NDS_MANIFEST_SNAPSHOTS=false``) the SQL path serves, converted to batches.
+    ``session``: the caller's, for the few lookups made before the first batch (else one of its own)."""
+    if not ctx.settings.manifest_snapshots:
+        yield from _sql_batches(ctx, query, offset=offset, limit=limit, chunk=chunk, principal=principal, stored=stored)
+        return
     versions = {int(k): int(v) for k, v in query.index_versions.items()}
     with open_picks(ctx, query.id, datasets=set(versions)) as (table, total, read):
         with nullcontext(session) if session is not None else Session(ctx.autocommit_engine) as session:
@@ -207,18 +208,21 @@ def iter_manifest_batches(
                 names[did], active[did] = name, current
             _check_versions_exist(session, versions, names)
         stop = total if limit is None else min(total, offset + limit)
-        resolver = None
-        if ctx.settings.manifest_snapshots:
-            try:
-                resolver = _Resolver(ctx, table, read, versions, names, active, principal, stored)
-                resolver.open(offset, stop)
-            except SnapshotUnavailable as exc:
-                log.warning("manifest of query %s from SQL: %s", query.id, exc)
-                resolver = None
+        try:
+            resolver = _Resolver(ctx, table, read, versions, names, active, principal, stored)
+            resolver.open(offset, stop)
+        except SnapshotUnavailable as exc:
+            log.warning("manifest of query %s from SQL: %s", query.id, exc)
+            resolver = None
         if resolver is not None:
             for start in range(offset, stop, chunk):
                 yield resolver.batch(start, min(start + chunk, stop))
             return
+    yield from _sql_batches(ctx, query, offset=offset, limit=limit, chunk=chunk, principal=principal, stored=stored)
+
+
+def _sql_batches(ctx: CatalogContext, query: Query, *, offset: int, limit: int | None, chunk: int, principal: Principal,
+                 stored: bool) -> Iterator[pa.RecordBatch]:
     schema = STORED_SCHEMA if stored else BATCH_SCHEMA
     for rows in iter_manifest_sql(ctx, query, offset=offset, limit=limit, chunk=chunk, principal=principal):
         yield rows_batch(rows, schema)
@@ -311,13 +315,6 @@ def rows_batch(rows: list[ManifestRow], schema: pa.Schema = BATCH_SCHEMA) -> pa.
         data.update(stored_uri=[w.uri for w in where], stored_shard=[w.shard for w in where],
                     stored_offset=[w.offset for w in where], stored_size=[w.size for w in where])
     return pa.record_batch([pa.array(data[f.name], f.type) for f in schema], schema=schema)
-
-
-def batch_dicts(batch: pa.RecordBatch) -> list[dict[str, Any]]:
-    """A manifest batch as the rows exporters and the API see: MANIFEST_COLUMNS, and ``meta`` (decoded)."""
-    columns = [batch.column(c).to_pylist() for c in MANIFEST_COLUMNS]
-    meta = [None if m is None else orjson.loads(m) for m in batch.column("meta").to_pylist()]
-    return [{**dict(zip(MANIFEST_COLUMNS, values)), "meta": m} for *values, m in zip(*columns, meta)]
 
 
 def batch_rows(batch: pa.RecordBatch) -> list[ManifestRow]:

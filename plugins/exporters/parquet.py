@@ -16,10 +16,7 @@ import pyarrow.parquet as pq
 from nds.plugins.contract import MANIFEST_COLUMNS, Exporter, ImageReader, Row
 from nds_client.manifests import MANIFEST_FORMATS  # the built-in formats: the client knows them by name
 
-#: the arrow type of each manifest column; the columns and their order are MANIFEST_COLUMNS'
-TYPES = {"key": pa.string(), "uri": pa.string(), "label": pa.string(), "dataset": pa.string(),
-         "cluster": pa.int64(), "weight": pa.float64(), "count": pa.int64(), "shard": pa.string(), "offset": pa.int64(), "size": pa.int64()}
-SCHEMA = pa.schema([(c, TYPES[c]) for c in MANIFEST_COLUMNS])
+SCHEMA = Exporter.schema()  # the manifest columns, in order, with their arrow types
 
 
 class _Drain(io.RawIOBase):
@@ -46,29 +43,21 @@ class ParquetExporter(Exporter):
     suffix = MANIFEST_FORMATS["parquet"]
 
     def stream(self, chunks: Iterable[list[Row]], *, read_image: ImageReader | None = None) -> Iterator[bytes]:
-        sink = _Drain()
-        with pq.ParquetWriter(sink, SCHEMA, compression="zstd") as writer:
-            wrote = False
-            for rows in chunks:
-                if not rows:
-                    continue
-                writer.write_table(pa.Table.from_pydict({c: [row[c] for row in rows] for c in MANIFEST_COLUMNS}, schema=SCHEMA))
-                wrote = True
-                yield sink.take()
-            if not wrote:
-                writer.write_table(SCHEMA.empty_table())
-        yield sink.take()
+        return _write(pa.Table.from_pydict({c: [row[c] for row in rows] for c in MANIFEST_COLUMNS}, schema=SCHEMA) for rows in chunks if rows)
 
     def stream_batches(self, batches: Iterable[Any]) -> Iterator[bytes]:
-        sink = _Drain()
-        with pq.ParquetWriter(sink, SCHEMA, compression="zstd") as writer:
-            wrote = False
-            for batch in batches:
-                if not batch.num_rows:
-                    continue
-                writer.write_table(pa.Table.from_arrays([batch.column(c) for c in MANIFEST_COLUMNS], schema=SCHEMA))
-                wrote = True
-                yield sink.take()
-            if not wrote:
-                writer.write_table(SCHEMA.empty_table())
-        yield sink.take()
+        return _write(pa.Table.from_arrays([b.column(c) for c in MANIFEST_COLUMNS], schema=SCHEMA) for b in batches if b.num_rows)
+
+
+def _write(tables: Iterable[pa.Table]) -> Iterator[bytes]:
+    """A parquet file of one row group per table, its bytes taken out after each."""
+    sink = _Drain()
+    with pq.ParquetWriter(sink, SCHEMA, compression="zstd") as writer:
+        wrote = False
+        for table in tables:
+            writer.write_table(table)
+            wrote = True
+            yield sink.take()
+        if not wrote:
+            writer.write_table(SCHEMA.empty_table())
+    yield sink.take()
