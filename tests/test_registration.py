@@ -161,7 +161,7 @@ def test_failure_half_way_leaves_no_partial_dataset(ctx, data_root, monkeypatch)
     def explode(*args, **kwargs):
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(registration, "insert", explode)  # fail inside the storing transaction
+    monkeypatch.setattr(registration, "bulk_insert", explode)  # fail inside the storing transaction
     dataset, job = register(ctx, "src", folder)
     assert dataset is None and job.status == JobStatus.failed and "disk on fire" in job.error
     assert_no_datasets(ctx)
